@@ -1,0 +1,1 @@
+"""scl: Self-Correction Learning for vision-language models, from scratch in PyTorch."""
