@@ -1,0 +1,172 @@
+"""Image -> pixel_values, in Pillow + numpy, equal to transformers' processors (DESIGN §2).
+
+Two recipes, read from a checkpoint's processor config (vlm-format.md §2.7, §4.1, §5.8):
+    clip  : RGB -> resize shortest edge (bicubic) -> centre crop -> *1/255 -> (x - mean) / std
+            (CLIPImageProcessor / LlavaImageProcessor; llava-1.5 at 336 px)
+    siglip: RGB -> resize to (size, size) (bicubic)         -> *1/255 -> (x - 0.5) / 0.5
+            (SiglipImageProcessor; llava-interleave-qwen at 384 px)
+Optional LLaVA pad-to-square first: the original LLaVA-1.5 (`image_aspect_ratio: pad`) pastes the
+image on a square of the mean colour, so nothing is cropped away; the HF port crops unless asked.
+tests/test_image.py checks equality (<= 1e-5) against transformers' PIL backend (torchvision absent).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+def to_rgb(image):
+    """RGB the way transformers converts: transparency is composited onto white, not dropped
+    (a plain PIL .convert("RGB") would show whatever colour hides under alpha 0)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def pad_to_square(image, fill):
+    """LLaVA's expand2square: the image centred on a square of colour `fill` (offset rounded down)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _size_of(spec):
+    """HF size specs: an int, {"shortest_edge": n}, or {"height": h, "width": w} -> (kind, value)."""
+    if isinstance(spec, int):
+        return "shortest_edge", spec  # both CLIP and SigLIP processors have default_to_square=False
+    if "shortest_edge" in spec:
+        return "shortest_edge", int(spec["shortest_edge"])
+    return "hw", (int(spec["height"]), int(spec["width"]))
+
+
+@dataclass
+class ImageProcessor:
+    size: object = 224  # HF spec: int / {"shortest_edge": n} (CLIP) / {"height", "width"} (SigLIP)
+    crop_size: object = 224  # centre crop, int or {"height", "width"}; used when do_center_crop
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    rescale_factor: float = 1 / 255
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    resample: int = 3  # PIL bicubic
+    pad_to_square: bool = False  # original LLaVA-1.5: pad with the mean colour before resizing
+
+    @classmethod
+    def clip(cls, image_size=224, **kw):
+        return cls(size={"shortest_edge": image_size}, crop_size=image_size, **kw)
+
+    @classmethod
+    def siglip(cls, image_size=224, **kw):
+        return cls(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                   image_mean=HALF, image_std=HALF, **kw)
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a HF image-processor dict; defaults by class, as transformers' class attributes."""
+        kind = (d.get("image_processor_type") or "CLIPImageProcessor").lower()
+        base = cls.siglip() if kind.startswith("siglip") else cls.clip()
+        for name in ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "do_normalize",
+                     "rescale_factor", "resample"):
+            if d.get(name) is not None:
+                setattr(base, name, d[name])
+        for name in ("image_mean", "image_std"):
+            if d.get(name) is not None:
+                v = d[name]
+                setattr(base, name, tuple(v) if isinstance(v, (list, tuple)) else (v,) * 3)
+        base.pad_to_square = bool(d.get("do_pad", False) or d.get("image_aspect_ratio") == "pad")
+        return base
+
+    @classmethod
+    def from_dir(cls, path):
+        """preprocessor_config.json (Hub layout) or processor_config.json with the settings nested
+        under "image_processor" (what transformers 5.x saves, vlm-format.md §5.8)."""
+        pre, proc = os.path.join(path, "preprocessor_config.json"), os.path.join(path, "processor_config.json")
+        if os.path.isfile(pre):
+            with open(pre, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        if os.path.isfile(proc):
+            with open(proc, encoding="utf-8") as f:
+                d = json.load(f)
+            return cls.from_dict(d.get("image_processor", d))
+        raise FileNotFoundError(f"{path}: neither preprocessor_config.json nor processor_config.json")
+
+    @classmethod
+    def from_vlm_config(cls, cfg):
+        """Default for a model folder without processor files: the vision tower's own recipe at its
+        image_size (CLIP crop for CLIP towers, square resize for SigLIP). cfg: VLMConfig or dict."""
+        # A config.json dict, scl.config.VLMConfig (.vision_config), or anything with .vision.
+        # A config.json without vision_config means LlavaConfig's default tower, CLIP ViT-L/14-336.
+        clip336 = {"model_type": "clip_vision_model", "image_size": 336}
+        vision = (cfg.get("vision_config") or clip336) if isinstance(cfg, dict) else getattr(cfg, "vision_config", None)
+        vision = vision if vision is not None else getattr(cfg, "vision", None)
+        if vision is None:
+            raise ValueError("from_vlm_config: the config has no vision_config")
+        get = vision.get if isinstance(vision, dict) else lambda k, default=None: getattr(vision, k, default)
+        size = int(get("image_size", 224))
+        return cls.siglip(size) if "siglip" in (get("model_type", "") or "") else cls.clip(size)
+
+    from_config = from_vlm_config  # the name INTERFACES.md uses
+
+    # ------------------------------------------------------------------------- the recipe
+
+    def _resize_hw(self, w, h):
+        kind, value = _size_of(self.size)
+        if kind == "hw":
+            return value
+        # transformers' get_resize_output_image_size: the long side is truncated, not rounded.
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(value * long / short)
+        return (new_long, value) if w <= h else (value, new_long)
+
+    def _center_crop(self, x):  # x (H, W, 3) uint8
+        kind, value = _size_of(self.crop_size)
+        ch, cw = (value, value) if kind == "shortest_edge" else value
+        h, w = x.shape[:2]
+        if h < ch or w < cw:  # too small: transformers pads with zeros around, then crops
+            nh, nw = max(h, ch), max(w, cw)
+            top, left = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+            big = np.zeros((nh, nw, x.shape[2]), dtype=x.dtype)
+            big[top:top + h, left:left + w] = x
+            x, h, w = big, nh, nw
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return x[top:top + ch, left:left + cw]
+
+    def preprocess(self, image):
+        """One PIL image -> (3, S, S) float32 numpy."""
+        image = to_rgb(image)
+        if self.pad_to_square:
+            # Same truncation as LLaVA's expand2square and transformers: int(0.4814 * 255) = 122.
+            image = pad_to_square(image, tuple(int(m * 255) for m in self.image_mean))
+        if self.do_resize:
+            h, w = self._resize_hw(*image.size)
+            image = image.resize((w, h), resample=self.resample)
+        x = np.asarray(image)  # (H, W, 3) uint8
+        if self.do_center_crop:
+            x = self._center_crop(x)
+        # transformers rescales in float64 then casts, and normalizes in float32; same here.
+        x = (x.astype(np.float64) * self.rescale_factor if self.do_rescale else x).astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, S, S)
+
+    def __call__(self, images):
+        """A PIL image or a list of them -> pixel_values (B, 3, S, S) float32 tensor."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        return torch.from_numpy(np.stack([self.preprocess(im) for im in images]))  # (B, 3, S, S)

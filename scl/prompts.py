@@ -1,0 +1,58 @@
+"""Every sentence the self-correction protocol says to the model, in one place (DESIGN §1.1-1.2).
+
+Verbatim from the paper's released code (research/paper.md §2.2-2.3). Turn 1 asks the question with
+lettered options; turn 2 appends a review message to the conversation (no external feedback).
+Prompt names follow the paper: "sp" = standard prompt (turn 1 only, no review turn), "cp" = the
+common critique prompt (code ID 0), "vp1".."vp3" = the three visual prompts (code IDs 1..3).
+
+Choices made here, and why: the paper's scripts glue the pieces with a newline in inference.py and a
+space in data_construction.py; we use newlines in turn 1 (the layout inference.py evaluated with)
+and spaces in the review message (one paragraph, as paper.md §2.3 writes it). Options are always
+lettered `A. text`, one per line, ScienceQA included, so one extractor serves every data set.
+"""
+
+COT = "Explain your reasoning step-by-step."
+FORMAT = ("Your final answer should be put between two ##, like ## A ## (if your final answer is A), "
+          "at the end of your response.")
+
+REVIEW_PROMPTS = {
+    # ID 0: the text-only critique prompt of Huang et al. 2023, "LLMs cannot self-correct reasoning yet".
+    "cp": "Review your previous answer and find problems with your answer. Based on the problems you "
+          "found, improve your answer.",
+    # ID 1 (VP-1): details of the image that were missed.
+    "vp1": "Review your previous answer and ensure that all relevant aspects of the image have been "
+           "considered. Are there any elements or details that you missed? Based on your review, improve "
+           "your answer.",
+    # ID 2 (VP-2, the default of the paper's inference.py): the context and purpose of the scene.
+    "vp2": "Review your contextual understanding of the image. Have you correctly interpreted the overall "
+           "context and purpose of the scene? Based on your review, improve your answer.",
+    # ID 3 (VP-3): a comprehensive reading of the scene.
+    "vp3": "Review your answer and ensure that your understanding of the image is comprehensive and "
+           "detailed. Are there any aspects of the scene that you have omitted or misinterpreted? Based on "
+           "your review, improve your answer.",
+}
+PROMPT_NAMES = ("sp", "cp", "vp1", "vp2", "vp3")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def format_options(options):
+    """`A. first`, `B. second`, ... one per line."""
+    if not 1 <= len(options) <= len(LETTERS):
+        raise ValueError(f"need 1 to {len(LETTERS)} options, got {len(options)}")
+    return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+
+
+def turn1_message(question, options, hint=None):
+    """The turn-1 user message: [Hint: ...], question, lettered options, CoT and format sentences,
+    one per line. This full message is also the prompt of every SelfCorSet pair (DESIGN §1.5)."""
+    parts = ([f"Hint: {hint}"] if hint else []) + [question, format_options(options), COT, FORMAT]
+    return "\n".join(parts)
+
+
+def review_message(name):
+    """The turn-2 user message for a review prompt: the prompt, then the CoT and format sentences."""
+    if name == "sp":
+        raise ValueError('"sp" (standard prompt) has no review turn; stop after turn 1')
+    if name not in REVIEW_PROMPTS:
+        raise ValueError(f"unknown review prompt {name!r}; choose one of {', '.join(PROMPT_NAMES)}")
+    return f"{REVIEW_PROMPTS[name]} {COT} {FORMAT}"

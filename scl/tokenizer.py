@@ -1,0 +1,237 @@
+"""Text <-> token ids, and the chat a VLM is trained and prompted with (DESIGN §2).
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` read from a Hugging Face folder (`tokenizer.json` plus the
+roles in `tokenizer_config.json`); `render_chat` turns a conversation into ids and a loss mask:
+
+    llava : <s>USER: <image>\\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:
+    chatml: <|im_start|>user\\n<image>\\n{u1}<|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n...
+
+The single <image> is expanded to one id per image feature (vlm-format.md §2.9); the loss mask is 1
+on the assistant answers we train on (their text and the end-of-turn token that closes them).
+
+Parity with transformers (tests/test_tokenizer.py): the generation prompt of a first turn, which is
+what the model sees at inference, has the ids of `apply_chat_template` + `LlavaProcessor`.
+Footgun, on purpose: HF's llava-1.5 template closes an assistant turn with a space
+(`... ASSISTANT: {a1} USER: ...`). We close it with `</s>` like the original LLaVA training format
+(conv_vicuna_v1, sep2 = "</s>"), because a model must see and learn the token that ends its answer;
+so a multi-turn prompt differs from HF's at exactly those positions. ChatML history is written as
+standard ChatML (`<|im_start|>assistant\n{a1}<|im_end|>\n`); only its generation prompt is checked
+against transformers.
+
+How the mask is made: the whole conversation is encoded as ONE string (encoding turn by turn would
+give each piece a fresh "start of text", which changes ids for Llama's "▁" prefix), and each token
+belongs to the turn its first character falls in. The space after "ASSISTANT:" belongs to the
+answer: the model generates it, so it is trained (a vocabulary with " The" as one token never
+notices). Assistant text is stripped first, so a generated answer (" The...", decoded with its
+leading space) renders to the same ids as the typed one.
+"""
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer as _Backend
+from tokenizers import decoders, pre_tokenizers
+
+IMAGE_TOKEN = "<image>"
+
+
+def _content(tok):
+    """Roles in tokenizer_config.json are a string, an AddedToken dict {"content": ...}, or null."""
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the roles (bos/eos/pad/unk/image) and the chat format."""
+
+    def __init__(self, backend, bos_token=None, eos_token=None, pad_token=None, unk_token=None,
+                 image_token=IMAGE_TOKEN, chat_format="llava", add_bos_token=None):
+        if chat_format not in ("llava", "chatml"):
+            raise ValueError(f"chat_format must be 'llava' or 'chatml', got {chat_format!r}")
+        self.backend = backend
+        self.chat_format = chat_format
+        # ChatML turns end with <|im_end|>; generation must stop there whatever a base model's eos was.
+        if chat_format == "chatml" and backend.token_to_id("<|im_end|>") is not None:
+            eos_token = "<|im_end|>"
+        self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        self.pad_token = pad_token if pad_token is not None else eos_token  # left padding is masked anyway
+        self.image_token = image_token
+        self.bos_token_id = self._id(bos_token)
+        self.eos_token_id = self._id(eos_token)
+        self.pad_token_id = self._id(self.pad_token)
+        self.unk_token_id = self._id(unk_token)
+        self.image_token_id = self._id(image_token)
+        if add_bos_token is None:
+            # Unspecified: do what tokenizer.json's post-processor does (Llama: yes, Qwen: no).
+            add_bos_token = self.bos_token_id is not None and (
+                backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_token_id])
+        self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
+
+    def _id(self, token):
+        return None if token is None else self.backend.token_to_id(token)
+
+    @classmethod
+    def from_dir(cls, path, chat_format=None):
+        """Read `tokenizer.json` + `tokenizer_config.json` (+ `chat_template.json`/`.jinja`) from `path`."""
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise FileNotFoundError(f"{tj}: no tokenizer.json in {path}")
+        backend = _Backend.from_file(tj)
+        cp = os.path.join(path, "tokenizer_config.json")
+        cfg = _read_json(cp) if os.path.isfile(cp) else {}
+        _match_transformers_llama(backend, cfg, _read_json(tj))
+        if chat_format is None:
+            chat_format = "chatml" if "<|im_start|>" in _chat_template(path, cfg) else "llava"
+        return cls(backend,
+                   bos_token=_content(cfg.get("bos_token")), eos_token=_content(cfg.get("eos_token")),
+                   pad_token=_content(cfg.get("pad_token")), unk_token=_content(cfg.get("unk_token")),
+                   image_token=_content(cfg.get("image_token")) or IMAGE_TOKEN,
+                   chat_format=chat_format, add_bos_token=cfg.get("add_bos_token"))
+
+    @property
+    def vocab_size(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        """Ids of `text`, no BOS/EOS added; special tokens written in the text ("</s>") are recognised."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _chat_template(path, cfg):
+    """All template text this folder holds (tokenizer config, chat_template.json/.jinja), as one
+    string: we only look for the ChatML markers in it, never run it."""
+    parts = [cfg.get("chat_template")]
+    if os.path.isfile(os.path.join(path, "chat_template.json")):
+        parts.append(_read_json(os.path.join(path, "chat_template.json")).get("chat_template"))
+    if os.path.isfile(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+            parts.append(f.read())
+    # A template may also be a list of named templates; json.dumps covers every shape.
+    return "".join(p if isinstance(p, str) else json.dumps(p) for p in parts if p)
+
+
+def _match_transformers_llama(backend, cfg, tj):
+    """Footgun (vlm-format.md §5.7): old Llama SentencePiece `tokenizer.json` files prepend "▁" to
+    every text chunk, so plain `tokenizers` gives `<image>` `▁\\n`... while transformers' LlamaTokenizer
+    rebuilds the pre-tokenizer from `legacy` (default False: prepend "▁" only at the very start).
+    We rebuild it the same way, so our ids are the ids the checkpoint was trained and served with.
+    ByteLevel files that merely declare LlamaTokenizer (Llama 3) are left alone, as transformers does."""
+    if (cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
+        return
+    if "ByteLevel" in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")]):
+        return
+    prefix = cfg.get("add_prefix_space")
+    prefix = True if prefix is None else prefix
+    scheme = ("first" if not cfg.get("legacy", False) else "always") if prefix else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+
+
+# ----------------------------------------------------------------------------- chat rendering
+
+def _render_text(tok, messages, with_image, add_generation_prompt):
+    """The conversation as one string, plus the character span of each assistant answer (its text
+    and the end-of-turn token); tokens starting inside a span are that answer's tokens."""
+    if not messages or messages[0].get("role") != "user":
+        raise ValueError("a conversation starts with a user message")
+    for i, m in enumerate(messages):
+        if m.get("role") != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"message {i}: roles must alternate user/assistant, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: content must be a str")
+        if tok.image_token in m["content"]:
+            raise ValueError(f"message {i}: {tok.image_token} in the text; the image is added by render_chat")
+    if add_generation_prompt and messages[-1]["role"] != "user":
+        raise ValueError("add_generation_prompt needs the conversation to end with a user message")
+    image = tok.image_token + "\n" if with_image else ""
+    text, spans = "", []
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            if tok.chat_format == "llava":
+                text += "USER: " + (image if i == 0 else "") + m["content"] + " ASSISTANT:"
+            else:
+                text += "<|im_start|>user\n" + (image if i == 0 else "") + m["content"] + "<|im_end|>\n"
+                text += "<|im_start|>assistant\n"
+        else:
+            # Stripped: a decoded generation starts with a space in byte-level vocabularies, and the
+            # same answer must render to the same ids whether it was typed or generated.
+            start = len(text)
+            text += (" " if tok.chat_format == "llava" else "") + m["content"].strip() + tok.eos_token
+            spans.append((start, len(text)))
+            text += "" if tok.chat_format == "llava" else "\n"
+    if not add_generation_prompt and messages[-1]["role"] == "user":
+        # No generation prompt: drop the open assistant header the user turn ended with.
+        text = text[: -len(" ASSISTANT:" if tok.chat_format == "llava" else "<|im_start|>assistant\n")]
+    return text, spans
+
+
+def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, train_turns=None):
+    """Ids and loss mask of a conversation (INTERFACES.md). The image belongs to the first user
+    message and becomes `num_image_tokens` image ids; 0 means a text-only conversation.
+    train_turns: indices among the assistant messages whose answers are trained (None = all)."""
+    if tok.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; render_chat needs one to close assistant turns")
+    if num_image_tokens and tok.image_token_id is None:
+        raise ValueError(f"tokenizer has no {tok.image_token} token; cannot place the image")
+    text, spans = _render_text(tok, messages, num_image_tokens > 0, add_generation_prompt)
+    train = range(len(spans)) if train_turns is None else list(train_turns)
+    for t in train:
+        if not 0 <= t < len(spans):
+            raise ValueError(f"train_turns: {t} is not an assistant turn (there are {len(spans)})")
+    trained = [spans[t] for t in train]
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    ids, mask = ([tok.bos_token_id], [0]) if tok.add_bos_token else ([], [])
+    for i, (start, _end) in zip(enc.ids, enc.offsets):
+        if i == tok.image_token_id:
+            ids += [i] * num_image_tokens  # (P,) one id per image feature
+            mask += [0] * num_image_tokens
+        else:
+            ids.append(i)
+            mask.append(int(any(a <= start < b for a, b in trained)))
+    return ids, mask
+
+
+def show_mask(tok, ids, mask):
+    """Readable view of a rendered conversation: trained tokens in [brackets], image ids folded."""
+    out, run, run_mask = [], [], None
+
+    def flush():
+        if not run:
+            return
+        if run[0] == tok.image_token_id and all(i == run[0] for i in run):
+            piece = f"{tok.image_token}x{len(run)}"
+        else:
+            piece = tok.decode(run, skip_special_tokens=False)
+        out.append(f"[{piece}]" if run_mask else piece)
+
+    for i, m in zip(ids, mask):
+        is_img = i == tok.image_token_id
+        if run and (m != run_mask or is_img != (run[0] == tok.image_token_id)):
+            flush()
+            run = []
+        run.append(i)
+        run_mask = m
+    flush()
+    return "".join(out)
+
+
+def pad_left(seqs, pad_id):
+    """Left-pad id lists into a batch, so every row's last token is at the end (for generation).
+    Returns input_ids (B, T) and attention_mask (B, T), 1 on real tokens, as LongTensors."""
+    width = max((len(s) for s in seqs), default=0)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for b, s in enumerate(seqs):
+        if s:
+            input_ids[b, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            attention_mask[b, width - len(s):] = 1
+    return input_ids, attention_mask
