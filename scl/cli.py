@@ -1,0 +1,83 @@
+"""Command-line flags derived from a config dataclass: `--field=value`, names exactly as the fields.
+
+The dataclass is the single source of defaults; this file only turns strings into those fields'
+types. Unknown flags and bad values stop with a one-line message (argparse-style exit code 2).
+"""
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+
+class CLIError(SystemExit):
+    """A bad command line: the message is printed and the process exits with status 2."""
+
+    def __init__(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        super().__init__(2)
+
+
+def _convert(name: str, text: str, kind):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / X | None
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _convert(name, text, args[0])
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise CLIError(f"--{name} expects true or false, got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise CLIError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(kind)[:1] or (str,)
+        return [_convert(name, t.strip(), item) for t in text.split(",") if t.strip()]
+    return text
+
+
+def parse_cli(cls, argv: list[str] | None = None, **overrides):
+    """Build `cls` from `--field=value` flags (and keyword overrides applied first)."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(overrides)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(describe(cls))
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            if arg.startswith("--") and arg[2:].replace("-", "_") in fields and hints[arg[2:].replace("-", "_")] is bool:
+                arg = arg + "=true"  # `--resume` alone means `--resume=true`
+            else:
+                raise CLIError(f"flags are --field=value, got {arg!r} (see --help)")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise CLIError(f"unknown flag --{key} (known: {', '.join(sorted(fields))})")
+        values[key] = _convert(key, text, hints[key])
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def describe(cls) -> str:
+    """Help text: every field with its default."""
+    lines = [f"{cls.__doc__ or cls.__name__}".strip(), "", "flags (--field=value):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        lines.append(f"  --{f.name}={default}")
+    return "\n".join(lines)
+
+
+def to_json(config) -> str:
+    """The resolved config, as scripts print it and save it beside their outputs."""
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
