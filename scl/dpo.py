@@ -1,0 +1,204 @@
+"""DPO for Self-Correction Learning: pair encoding, sequence log-probs, the loss (DESIGN §1.6, §4).
+
+Read top to bottom: a SelfCorSet pair (prompt, chosen, rejected) becomes token ids (`encode_pair`),
+pairs become a padded batch (`collate_pairs`), the model scores both responses given the shared prompt
+(`concatenated_forward`), and the four log-prob vectors give the loss (`dpo_loss`, paper §4.1):
+
+    L = (1 - α) · -log σ(β [(log πθ(Rc) - log πref(Rc)) - (log πθ(Rr) - log πref(Rr))])  +  α · NLL(Rc)
+
+with β = 0.1 and α = 0.1 (the paper's `sft_beta`, ms-swift 2.x: total = (1 - sft_beta)·DPO + sft_beta·SFT).
+Shapes: B pairs, T tokens (Tp prompt, Tr response), D width, V vocab.
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels import linear_token_logprobs
+from scl.tokenizer import render_chat
+
+
+class SkipPair(ValueError):
+    """A pair that cannot be trained on; `reason` is written to the skip log (DESIGN §7)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -----------------------------------------------------------------------------
+# Pairs -> token ids -> padded batch
+
+
+def _split_conversation(tok, user, response, num_image_tokens):
+    """(prompt ids, response ids) of the rendered [user, assistant] conversation, cut by the loss mask."""
+    ids, mask = render_chat(tok, [user, {"role": "assistant", "content": response}], num_image_tokens)
+    start, end = mask.index(1), len(mask) - mask[::-1].index(1)
+    # One assistant turn: the trained span is one block (content + end-of-turn token). ChatML renders a
+    # "\n" after <|im_end|>; it is not part of the answer and is dropped, so responses end at the EOS.
+    assert all(mask[start:end]), "loss mask of a single answer is not one contiguous span"
+    return ids[:start], ids[start:end]
+
+
+def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: int, max_length: int) -> dict:
+    """Token ids of one pair: {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints).
+
+    Response ids are exactly the tokens render_chat trains on (content + EOS); prompt ids are everything
+    before them, i.e. the generation prompt `USER: <image>×P\\n{prompt} ASSISTANT:` (or its ChatML form). So
+    prompt + response is what the model reads and writes at evaluation, token for token (ecosystem §2.2).
+    Raises SkipPair for an empty response or when prompt + the longer response exceeds max_length; we
+    never truncate, since a cut prompt loses image tokens and a cut response changes what is scored.
+    """
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise SkipPair(f"empty {name} response")
+    user = {"role": "user", "content": prompt}
+    gen_prompt, _ = render_chat(tok, [user], num_image_tokens, add_generation_prompt=True)
+    prompt_c, chosen_ids = _split_conversation(tok, user, chosen, num_image_tokens)
+    prompt_r, rejected_ids = _split_conversation(tok, user, rejected, num_image_tokens)
+    # Footgun: render_chat encodes the whole conversation in one call, so a tokenizer that merged across
+    # the prompt/answer boundary would make the trained prefix differ from the generation prompt and
+    # between the two responses. The separators (" " in LLaVA, "\n" in ChatML) are pre-tokenizer split
+    # points in SentencePiece and byte-level vocabularies, so this holds; if not, the pair is skipped.
+    if not (prompt_c == prompt_r == gen_prompt):
+        raise SkipPair("prompt tokens depend on the response (tokenizer merges across the turn boundary)")
+    if tok.image_token_id is not None and num_image_tokens:
+        n_img = sum(1 for t in gen_prompt if t == tok.image_token_id)
+        if n_img != num_image_tokens:  # the classic "image features and image tokens do not match"
+            raise SkipPair(f"prompt has {n_img} image tokens, expected {num_image_tokens}")
+    longest = len(gen_prompt) + max(len(chosen_ids), len(rejected_ids))
+    if longest > max_length:
+        raise SkipPair(f"prompt + response is {longest} tokens > max_length {max_length}")
+    return {"prompt_ids": gen_prompt, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+
+
+def collate_pairs(encoded: list, pad_id: int) -> dict:
+    """Stack encoded pairs into a batch of LongTensors.
+
+    prompt_ids/prompt_mask (B, Tp): left-padded, so every prompt ends at the same column and its last
+    hidden state sits at position Tp - 1. chosen_ids/chosen_mask and rejected_ids/rejected_mask (B, Tr):
+    right-padded to one common Tr so the 2B response rows stack. Masks come from lengths, never from
+    `ids == pad_id` (pad may equal EOS, and EOS is a scored token; ecosystem §2.4).
+    """
+    B = len(encoded)
+    Tp = max(len(e["prompt_ids"]) for e in encoded)
+    Tr = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
+    out = {"prompt_ids": torch.full((B, Tp), pad_id, dtype=torch.long),
+           "prompt_mask": torch.zeros(B, Tp, dtype=torch.long)}
+    for side in ("chosen", "rejected"):
+        out[f"{side}_ids"] = torch.full((B, Tr), pad_id, dtype=torch.long)
+        out[f"{side}_mask"] = torch.zeros(B, Tr, dtype=torch.long)
+    for b, e in enumerate(encoded):
+        n = len(e["prompt_ids"])
+        out["prompt_ids"][b, Tp - n:] = torch.tensor(e["prompt_ids"])
+        out["prompt_mask"][b, Tp - n:] = 1
+        for side in ("chosen", "rejected"):
+            n = len(e[f"{side}_ids"])
+            out[f"{side}_ids"][b, :n] = torch.tensor(e[f"{side}_ids"])
+            out[f"{side}_mask"][b, :n] = 1
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Sequence log-probs: log π(response | prompt, image) = Σ_t log π(y_t | y_<t, prompt, image)
+
+
+def response_logps(hidden, weight, targets, mask, impl=None):
+    """Summed fp32 log-probs of each response (the role of the DPO reference's `_get_batch_logps`).
+
+    Args:
+        hidden:  (N, Tr, D) hidden state that predicts each response token (already shifted: row n,
+                 column t is the state at the position just before token targets[n, t]).
+        weight:  (V, D) lm_head weight.
+        targets: (N, Tr) response token ids.
+        mask:    (N, Tr) 1 on real response tokens, 0 on right padding.
+    Returns:
+        logps (N,) fp32 sums over real tokens; tokens (N,) number of real tokens.
+    Only real tokens go through the head (DESIGN §3): pads are dropped before the (·, V) product, and the
+    kernel never holds the full (N, V) logits (chunked on CPU, fused in Triton on GPU).
+    """
+    keep = mask.bool()  # (N, Tr)
+    token_logps = linear_token_logprobs(hidden[keep], weight, targets[keep], impl=impl)  # (n_real,) fp32
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    per_token = per_token.masked_scatter(keep, token_logps)  # (N, Tr), 0 on pads
+    return per_token.sum(-1), keep.sum(-1)
+
+
+def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bool = True, impl=None) -> dict:
+    """Score chosen and rejected responses of a batch with one model (policy, or reference under no_grad).
+
+    share_prefix=True (DESIGN §4): the vision tower and the prompt run once, (B, Tp); both responses then
+    continue from the prompt's KV cache as one 2B batch. The cache is repeated with torch.cat([k, k]),
+    which copies values but keeps the autograd graph, so gradients of both responses reach the shared
+    prompt and image. share_prefix=False: the plain reference, 2B full sequences with images duplicated.
+    Both compute the same numbers (tests/test_dpo.py checks logps and every gradient).
+
+    Returns dict of (B,) tensors: chosen_logps, rejected_logps (fp32 sums over response tokens),
+    chosen_nll (mean per-token NLL of chosen, for the SFT term), chosen_tokens.
+    """
+    B, Tp = batch["prompt_ids"].shape
+    resp_ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, Tr)
+    resp_mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])  # (2B, Tr)
+    prompt_mask2 = batch["prompt_mask"].repeat(2, 1)  # (2B, Tp)
+    # The last response token (EOS of the longest row) predicts nothing, so it is never fed in: the
+    # inputs are response[:, :-1] and the predicting states are [last prompt state, response states].
+    if share_prefix:
+        h_prompt, past = model.forward_hidden(batch["prompt_ids"], pixel_values,
+                                              attention_mask=batch["prompt_mask"], use_cache=True)  # (B, Tp, D)
+        past = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in past]  # each (2B, H_kv, Tp, Dh)
+        mask = torch.cat([prompt_mask2, resp_mask[:, :-1]], 1)  # (2B, Tp+Tr-1): covers past + current
+        h_resp, _ = model.forward_hidden(resp_ids[:, :-1], attention_mask=mask, past_key_values=past)  # (2B, Tr-1, D)
+        # Prompts are left-padded, so column Tp-1 is every row's last real prompt token.
+        hidden = torch.cat([h_prompt[:, -1:].repeat(2, 1, 1), h_resp], 1)  # (2B, Tr, D)
+    else:
+        ids = torch.cat([batch["prompt_ids"].repeat(2, 1), resp_ids], 1)  # (2B, Tp+Tr)
+        mask = torch.cat([prompt_mask2, resp_mask], 1)  # (2B, Tp+Tr)
+        pix = None if pixel_values is None else pixel_values.repeat(2, 1, 1, 1)  # (2B, 3, S, S)
+        h, _ = model.forward_hidden(ids[:, :-1], pix, attention_mask=mask[:, :-1])  # (2B, Tp+Tr-1, D)
+        hidden = h[:, Tp - 1:]  # (2B, Tr, D): position Tp-1+t predicts response token t
+    logps, tokens = response_logps(hidden, model.lm_head_weight, resp_ids, resp_mask, impl=impl)  # (2B,)
+    return {"chosen_logps": logps[:B], "rejected_logps": logps[B:],
+            "chosen_nll": -logps[:B] / tokens[:B].clamp(min=1), "chosen_tokens": tokens[:B]}
+
+
+# -----------------------------------------------------------------------------
+# The loss (paper §4.1; DPO eq. 7) and TRL's metrics
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta: float = 0.1, sft_alpha: float = 0.1, chosen_nll=None):
+    """Sigmoid DPO plus an SFT term on the chosen response.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps:       (B,) log πθ(response | prompt, image), summed.
+        reference_chosen_logps, reference_rejected_logps: (B,) same under the frozen reference.
+        beta: DPO temperature β. sft_alpha: α, weight of the SFT term (0 = pure DPO).
+        chosen_nll: (B,) mean per-token NLL of the chosen response under the policy; needed when α > 0.
+    Returns:
+        loss: scalar, (1 - α)·mean_b[-log σ(β·((πc - refc) - (πr - refr)))] + α·mean_b[chosen_nll].
+        metrics: dict of floats with TRL's names (loss, rewards/chosen, rewards/rejected,
+                 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, nll_loss).
+    The SFT term averages per-pair token means; with the paper's micro-batch of 1 this is ms-swift's
+    token-mean cross-entropy exactly.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps  # (B,)
+    ref_logratios = reference_chosen_logps - reference_rejected_logps  # (B,)
+    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # (B,)
+    loss = losses.mean()
+    if sft_alpha:
+        if chosen_nll is None:
+            raise ValueError("dpo_loss: sft_alpha > 0 needs chosen_nll (from concatenated_forward)")
+        loss = (1 - sft_alpha) * loss + sft_alpha * chosen_nll.mean()
+    # Implicit rewards (DPO §5): β·log(πθ/πref); they are diagnostics and carry no gradient.
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()  # (B,)
+    metrics = {
+        "loss": loss.item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+    }
+    if chosen_nll is not None:
+        metrics["nll_loss"] = chosen_nll.detach().mean().item()
+    return loss, metrics
