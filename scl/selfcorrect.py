@@ -1,0 +1,356 @@
+"""Two-turn intrinsic self-correction and the SelfCorSet preference pairs (paper §2–3, DESIGN §1.1–1.5).
+
+Read top to bottom: the config; the method as pure functions (`question_type`, `build_pairs`,
+`summarize`); one batch of rollouts (`rollout_batch`: turn 1, then review turns that continue the same
+conversation); the deterministic batch plan; and `run_generate`, which streams records to disk and
+resumes where a previous run stopped.
+
+Decisions a reader should know:
+- A record's `type` compares turn 1 with turn 2 (paper §2.7); `types` lists every round pair
+  (k, k+1) for the K-round analysis. Either answer unparsed (None) ⇒ type None ("unparsed"), counted
+  apart from wrong and never turned into a pair. Pairs come from turn 1 vs turn 2 only, as in the paper.
+- A pair's `prompt` is the full turn-1 user message the model answered (question, options and
+  instructions), not the raw question the paper's code stored (paper §3.2). Its `image` is a path
+  relative to the folder of selfcorset.jsonl, like the image paths of our data files (DESIGN §6);
+  rows whose image has no file (TSV, base64) get one written to out_dir/images/.
+- Sampling determinism: work items (question, sample) are sorted by prompt length and cut into
+  fixed batches; batch b samples with a generator seeded from (seed, b). A resumed run re-runs any
+  unfinished batch whole, so it reproduces the uninterrupted run exactly. Resume therefore requires the
+  same data and flags (checked against out_dir/config.json; only `device` may change).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from typing import Optional  # not `int | None`: scl.cli (3.11) converts only typing.Optional
+
+import torch
+from tqdm import tqdm
+
+from scl.answers import extract_answer
+from scl.checkpoint import write_json_atomic
+from scl.data import load_rows
+from scl.generation import generate
+from scl.image import ImageProcessor
+from scl.prompts import PROMPT_NAMES, review_message, turn1_message
+from scl.tokenizer import Tokenizer, pad_left, render_chat
+from scl.weights import load_vlm
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """Self-correction rollouts and SelfCorSet: python generate.py --model=DIR --data=FILE --out_dir=DIR"""
+    model: str  # model folder: config.json, *.safetensors, tokenizer.json, tokenizer_config.json
+    data: str  # MCQ rows: JSONL (image paths relative to the file), MMBench TSV, ScienceQA problems.json
+    out_dir: str  # gets responses.jsonl, selfcorset.jsonl, summary.json, skipped.jsonl, config.json
+    prompt: str = "vp2"  # review prompt: sp (no review) | cp | vp1 | vp2 | vp3 (paper §2.3; code default VP-2)
+    rounds: int = 2  # turns per question: 2 = the paper; K > 2 repeats the review message
+    samples: int = 1  # rollouts per question (1 = the paper); > 1 needs temperature > 0
+    limit: Optional[int] = None  # only the first N usable rows
+    batch_size: int = 8  # rollouts per generate() call
+    max_new_tokens: int = 256  # per turn (the paper's LLaVA setting)
+    temperature: float = 0.0  # 0 = greedy (the paper's LLaVA decoding)
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # batch b samples from a generator seeded with (seed, b)
+    format: Optional[str] = None  # data reader; None = detect from the file
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self):  # a bad value stops before any model is loaded
+        if self.prompt not in PROMPT_NAMES:
+            raise ValueError(f"--prompt must be one of {', '.join(PROMPT_NAMES)}, got {self.prompt!r}")
+        if min(self.rounds, self.samples, self.batch_size, self.max_new_tokens) < 1:
+            raise ValueError("--rounds, --samples, --batch_size and --max_new_tokens must be >= 1")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError("--samples > 1 needs --temperature > 0 (greedy rollouts would be identical)")
+        if not 0 < self.top_p <= 1 or self.temperature < 0:
+            raise ValueError("--top_p must be in (0, 1] and --temperature >= 0")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def resolve_device(name: str) -> str:  # "auto" -> "cuda" when there is one, else "cpu"
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+# ---------------------------------------------------------------------------- the method, pure
+
+def question_type(turn1_correct: bool, turn2_correct: bool) -> int:
+    """Paper §2.7: 1 right→right, 2 wrong→right, 3 right→wrong, 4 wrong→wrong."""
+    return {(True, True): 1, (False, True): 2, (True, False): 3, (False, False): 4}[
+        (bool(turn1_correct), bool(turn2_correct))]
+
+
+def round_types(turns: list[dict]) -> list[int | None]:
+    """Type of each round pair (k, k+1); None where either answer is unparsed."""
+    return [None if a["answer"] is None or b["answer"] is None else question_type(a["correct"], b["correct"])
+            for a, b in zip(turns, turns[1:])]
+
+
+def build_pairs(records: list[dict]) -> list[dict]:
+    """SelfCorSet (paper §3.1): Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1,
+    rejected turn 2); Types 1 and 4 and unparsed answers give nothing. The type is recomputed from
+    the turns' answers, so a record's stored `type` cannot disagree with its pair."""
+    pairs = []
+    for r in records:
+        kind = (round_types(r["turns"]) or [None])[0]
+        if kind not in (2, 3):
+            continue
+        turn1, turn2 = r["turns"][0]["text"], r["turns"][1]["text"]
+        chosen, rejected = (turn2, turn1) if kind == 2 else (turn1, turn2)
+        pairs.append({"id": r["id"], "sample": r["sample"], "image": r["image"], "prompt": r["prompt"],
+                      "chosen": chosen, "rejected": rejected, "type": kind})
+    return pairs
+
+
+def summarize(records: list[dict], skipped: list[dict]) -> dict:
+    """Counts per type, accuracy per turn, unparsed answers apart from wrong ones, pairs, skips.
+    Accuracy = correct / rollouts: an unparsed answer is not correct, and is also counted alone."""
+    n, rounds = len(records), max((len(r["turns"]) for r in records), default=0)
+    turns = [[r["turns"][k] for r in records if len(r["turns"]) > k] for k in range(rounds)]
+    correct = [sum(t["correct"] for t in ts) for ts in turns]
+    unparsed = [sum(t["answer"] is None for t in ts) for ts in turns]
+    by_round = []
+    for k in range(rounds - 1):
+        counts = Counter(round_types(r["turns"])[k] for r in records if len(r["turns"]) > k + 1)
+        by_round.append({**{str(t): counts[t] for t in (1, 2, 3, 4)}, "unparsed": counts[None]})
+    pairs = build_pairs(records)
+    return {
+        "rollouts": n, "questions": len({r["id"] for r in records}),
+        "accuracy": {f"turn{k + 1}": c / max(len(ts), 1) for k, (c, ts) in enumerate(zip(correct, turns))},
+        "correct": {f"turn{k + 1}": c for k, c in enumerate(correct)},
+        "wrong": {f"turn{k + 1}": len(ts) - c - u for k, (ts, c, u) in enumerate(zip(turns, correct, unparsed))},
+        "unparsed": {f"turn{k + 1}": u for k, u in enumerate(unparsed)},
+        "types": by_round[0] if by_round else {},
+        "types_by_round": {f"turn{k + 1}->turn{k + 2}": t for k, t in enumerate(by_round)},
+        "pairs": len(pairs), "pairs_by_type": {str(t): sum(p["type"] == t for p in pairs) for t in (2, 3)},
+        "skipped": len(skipped),
+    }
+
+
+# ---------------------------------------------------------------------------- rollouts
+
+def conversation(prompt: str, answers: list[str], review: str | None) -> list[dict]:
+    """[user turn 1, assistant 1, user review, assistant 2, user review, ...]: every earlier answer
+    stays in the context (paper §2.1); the image belongs to the first user message (render_chat)."""
+    messages = [{"role": "user", "content": prompt}]
+    for text in answers:
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": review}]
+    return messages
+
+
+def turn1(row) -> str:
+    """The turn-1 user message of a row; also the prompt of its pair (prompts.turn1_message)."""
+    return turn1_message(row.question, row.options, row.hint)
+
+
+@torch.no_grad()
+def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
+                  max_new_tokens=256, generator=None) -> tuple[list[dict], int]:
+    """One batch of K-turn rollouts: rows[i] is rolled out as sample number samples[i].
+    Each turn re-renders the whole conversation and generates (KV cache inside generate); the
+    turn-1 answers stay in the context. Returns (records, generated tokens)."""
+    turns = 1 if prompt == "sp" else rounds
+    review = review_message(prompt) if turns > 1 else None
+    param = next(model.parameters())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
+    prompts = [turn1(r) for r in rows]
+    answers, n_tokens = [[] for _ in rows], 0
+    for _ in range(turns):
+        ids = [render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
+                           add_generation_prompt=True)[0] for p, a in zip(prompts, answers)]
+        input_ids, attention_mask = pad_left(ids, pad)  # (B, T), (B, T)
+        new = generate(model, input_ids.to(param.device), attention_mask.to(param.device), pixel_values,
+                       max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                       temperature=temperature, top_p=top_p, generator=generator)  # (B, T_new)
+        for a, seq in zip(answers, new.tolist()):
+            n = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)  # EOS kept, pads after
+            n_tokens += n
+            # The image token's text would be read as a second image when the answer is re-rendered.
+            a.append(tok.decode(seq[:n], skip_special_tokens=True).replace(tok.image_token, "").strip())
+    records = []
+    for r, s, p, texts in zip(rows, samples, prompts, answers):
+        letters = [extract_answer(t, len(r.options)) for t in texts]  # None = unparsed, never correct
+        done = [{"text": t, "answer": a, "correct": a == r.answer} for t, a in zip(texts, letters)]
+        types = round_types(done)
+        records.append({"id": r.id, "sample": s, "gold": r.answer, "prompt": p, "image": r.image_path,
+                        "turns": done, "type": types[0] if types else None, "types": types})
+    return records, n_tokens
+
+
+def plan_batches(tok, rows, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Work items (row index, sample), longest turn-1 prompt first, cut into fixed batches.
+    Sorting: a batch is padded to its longest prompt, so similar lengths waste less compute, and
+    the largest batch runs first (an out-of-memory shows at once). Fixed: batch b always holds the
+    same items, which is what makes a resumed sampled run equal the uninterrupted one."""
+    length = [len(tok.encode(turn1(r))) for r in rows]
+    items = sorted(((i, s) for i in range(len(rows)) for s in range(samples)),
+                   key=lambda it: (-length[it[0]], it[0], it[1]))
+    return [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
+
+
+def batch_generator(seed: int, batch: int, device) -> torch.Generator:
+    """The sampling generator of batch `batch`: depends only on (seed, batch index)."""
+    digest = hashlib.sha256(f"{seed}:{batch}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, temperature=0.0, top_p=1.0,
+            seed=0, max_new_tokens=256, batch_size=8) -> list[dict]:
+    """All rollouts of `rows` in memory, ordered by (row, sample); what run_generate writes to disk."""
+    out = {}
+    device = next(model.parameters()).device
+    for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size)):
+        records, _ = rollout_batch(model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
+                                   prompt=prompt, rounds=rounds, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, generator=batch_generator(seed, b, device))
+        out.update({(i, s): r for (i, s), r in zip(batch, records)})
+    return [out[k] for k in sorted(out)]
+
+
+# ---------------------------------------------------------------------------- files and resume
+
+def read_jsonl(path: str) -> list[dict]:
+    """Lines of a JSONL file we wrote; a line cut short by a crash is dropped (and redone)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def write_jsonl(path: str, items: list[dict]) -> None:
+    """Whole file, atomically (temp name, then rename): a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in items)
+    os.replace(path + ".tmp", path)
+
+
+def _check_resume(cfg: GenerateConfig) -> None:
+    """Records already in out_dir must come from the same settings, or one file would mix two runs."""
+    path, done = os.path.join(cfg.out_dir, "config.json"), os.path.join(cfg.out_dir, "responses.jsonl")
+    if not os.path.exists(path) or not os.path.exists(done) or os.path.getsize(done) == 0:
+        return  # nothing to protect: a run that stopped before its first batch may change its flags
+    with open(path) as f:
+        old, new = json.load(f), dataclasses.asdict(cfg)
+    for k in new:
+        if k not in ("device", "out_dir") and old.get(k) != new[k]:
+            raise ValueError(f"{path} holds a run with --{k}={old.get(k)} (now {new[k]}); use another --out_dir")
+
+
+def _image_file(row, out_dir: str) -> str:
+    """The row's image as a file: its own path, or a PNG written once to out_dir/images/ (TSV rows)."""
+    if row.image_path:
+        return row.image_path
+    safe = re.sub(r"[^\w.-]", "_", row.id)
+    name = safe if safe == row.id else f"{safe}_{hashlib.sha1(row.id.encode()).hexdigest()[:8]}"
+    path = os.path.join(out_dir, "images", name + ".png")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        row.image.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+    return path
+
+
+def _too_long(rows, tok, model, cfg):
+    """Split off rows whose K-turn conversation could outgrow the model's positions, or whose prompt
+    cannot be rendered (a literal "<image>" in the text), each with its reason. -> (rows, skipped)."""
+    turns = 1 if cfg.prompt == "sp" else cfg.rounds
+    review = len(tok.encode(review_message(cfg.prompt))) + 8 if turns > 1 else 0  # + the role markers
+    limit, keep, skipped = model.config.text_config.max_position_embeddings, [], []
+    for r in rows:
+        try:
+            ids, _ = render_chat(tok, conversation(turn1(r), [], None), model.config.num_image_tokens,
+                                 add_generation_prompt=True)
+        except ValueError as e:
+            skipped.append({"id": r.id, "reason": f"cannot render the prompt: {e}"})
+            continue
+        need = len(ids) + turns * cfg.max_new_tokens + (turns - 1) * review
+        if need > limit:
+            skipped.append({"id": r.id, "reason": f"too long: {turns} turns may need {need} positions, "
+                                                  f"max_position_embeddings is {limit}"})
+        else:
+            keep.append(r)
+    return keep, skipped
+
+
+def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, image processor) of a model folder. A folder without a processor file gets
+    the vision tower's own recipe (ImageProcessor.from_config)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    model = load_vlm(path, dtype=dtype, device=device)
+    own = any(os.path.exists(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json"))
+    return model, Tokenizer.from_dir(path), (ImageProcessor.from_dir(path) if own else
+                                             ImageProcessor.from_config(model.config))
+
+
+def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> dict:
+    """Roll out every usable row of cfg.data, write the files in cfg.out_dir, return the summary.
+    Records and pairs are appended and flushed batch by batch (a crash loses the batch in flight); a
+    re-run skips the (id, sample) already done and ends with the same files as an uninterrupted run:
+    both JSONL files are rewritten at the end in (row, sample) order, the summary from the records."""
+    start, cfg = time.time(), dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    if not os.path.isfile(cfg.data):
+        raise FileNotFoundError(f"data file not found: {cfg.data}")
+    if model is None:
+        model, tok, processor = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    processor = processor or ImageProcessor.from_config(model.config)  # no processor file: the tower's recipe
+    if tok.image_token_id != model.config.image_token_index:
+        raise ValueError(f"{cfg.model}: tokenizer's {tok.image_token} id {tok.image_token_id} != "
+                         f"image_token_index {model.config.image_token_index} in config.json")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _check_resume(cfg)
+    write_json_atomic(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    out = {name: os.path.join(cfg.out_dir, name + ".jsonl") for name in ("responses", "selfcorset", "skipped")}
+
+    rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)  # bad rows come back skipped
+    rows, too_long = _too_long(rows, tok, model, cfg)
+    rows = [dataclasses.replace(r, image_path=_image_file(r, cfg.out_dir)) for r in rows]
+    write_jsonl(out["skipped"], skipped + too_long)
+    order = {(r.id, s): n for n, (r, s) in enumerate((r, s) for r in rows for s in range(cfg.samples))}
+    done = {(r["id"], r["sample"]): r for r in read_jsonl(out["responses"]) if (r["id"], r["sample"]) in order}
+    write_jsonl(out["responses"], list(done.values()))  # drop a cut-short last line before appending
+    write_jsonl(out["selfcorset"], build_pairs(list(done.values())))
+
+    device, n_tokens, seconds = next(model.parameters()).device, 0, 1e-9
+    bar = tqdm(total=len(order), initial=len(done), desc="self-correction", unit="q", dynamic_ncols=True)
+    with open(out["responses"], "a") as responses, open(out["selfcorset"], "a") as pairs:
+        for b, batch in enumerate(plan_batches(tok, rows, cfg.samples, cfg.batch_size)):
+            if all((rows[i].id, s) in done for i, s in batch):
+                continue  # finished by an earlier run; a partly finished batch is redone whole
+            t0 = time.time()
+            records, tokens = rollout_batch(
+                model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
+                prompt=cfg.prompt, rounds=cfg.rounds, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens, generator=batch_generator(cfg.seed, b, device))
+            seconds, n_tokens = seconds + time.time() - t0, n_tokens + tokens
+            new = [r for r in records if (r["id"], r["sample"]) not in done]
+            for r in new:  # image paths relative to the folder of the files, as in our data files
+                r["image"] = os.path.relpath(os.path.abspath(r["image"]), os.path.abspath(cfg.out_dir))
+                done[(r["id"], r["sample"])] = r
+            responses.writelines(json.dumps(r) + "\n" for r in new)
+            pairs.writelines(json.dumps(p) + "\n" for p in build_pairs(new))
+            responses.flush(), pairs.flush()
+            acc = [sum(r["turns"][k]["correct"] for r in done.values()) / len(done) for k in (0, -1)]
+            bar.set_postfix(acc1=f"{acc[0]:.3f}", acc_last=f"{acc[1]:.3f}", tok_s=f"{n_tokens / seconds:.0f}")
+            bar.update(len(new))
+    bar.close()
+
+    records = sorted(done.values(), key=lambda r: order[(r["id"], r["sample"])])
+    write_jsonl(out["responses"], records)
+    write_jsonl(out["selfcorset"], build_pairs(records))
+    summary = {**summarize(records, skipped + too_long), "seconds": round(time.time() - start, 2),
+               "generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / seconds, 2),
+               "config": dataclasses.asdict(cfg)}  # seconds and tokens: this invocation's work only
+    write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
+    return summary
