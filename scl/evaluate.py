@@ -1,0 +1,223 @@
+"""Evaluation (DESIGN §1.7, paper §5): single-turn accuracy, what a review turn does, the K-round
+curve, and base vs SCL on the same questions with a paired test.
+
+Read top to bottom: the statistics as pure functions (`accuracy`, `transitions`, `mcnemar`,
+`bootstrap_diff`), then `evaluate_model` (rollouts through selfcorrect.rollout, the same code and the
+same `extract_answer` as SelfCorSet construction), `compare`, and the report writers.
+
+Greedy decoding makes turn 1 the same under every review prompt, so single-turn accuracy is read from
+the turn 1 of the first rollout and the 4-type table of each prompt compares that prompt's turn 2
+with the same turn 1 (the paper's SP column vs CP/VP-1/2/3 columns).
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from scl.checkpoint import write_json_atomic
+from scl.data import load_rows
+from scl.selfcorrect import load_model_dir, resolve_device, round_types, rollout
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluate a model: python eval.py --model=DIR --data=FILE --out_dir=DIR [--compare=DIR2]"""
+    model: str  # model folder (config.json, *.safetensors, tokenizer files)
+    data: str  # MCQ rows (JSONL / MMBench TSV / ScienceQA problems.json)
+    out_dir: str  # gets metrics.json, report.md, PNG plots, responses_*.jsonl, skipped.jsonl
+    compare: str | None = None  # a second model folder, evaluated on the same rows (base vs SCL)
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["cp", "vp1", "vp2", "vp3"])  # review prompts
+    rounds: int = 3  # K of the K-round curve (run with `curve_prompt`)
+    curve_prompt: str = "vp2"  # review prompt repeated for the K-round curve
+    limit: int | None = None  # only the first N usable rows
+    batch_size: int = 256  # rollouts per generate() call
+    max_new_tokens: int = 256  # per turn
+    format: str | None = None  # data reader; None = detect from the file
+    device: str = "auto"  # auto = cuda when available, else cpu
+    seed: int = 0  # bootstrap seed
+
+
+# ---------------------------------------------------------------------------- statistics, pure
+
+def accuracy(records, turn=0) -> float:
+    return sum(r["turns"][turn]["correct"] for r in records) / max(len(records), 1)
+
+
+def transitions(records, first=0, second=1) -> dict:
+    """4-type table (paper §2.7) between two turns: counts of types 1–4 and unparsed."""
+    table = {"1": 0, "2": 0, "3": 0, "4": 0, "unparsed": 0}
+    for r in records:
+        t = round_types([r["turns"][first], r["turns"][second]])[0]
+        table["unparsed" if t is None else str(t)] += 1
+    return table
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: b = only model A right, c = only model B right.
+    Under H0 the discordant pairs split Binomial(b + c, 1/2)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap CI of accuracy(b) - accuracy(a) over the same questions (paired)."""
+    rng = random.Random(seed)
+    m = len(a)
+    diffs = []
+    for _ in range(n):
+        idx = [rng.randrange(m) for _ in range(m)]
+        diffs.append(sum(b[i] - a[i] for i in idx) / m)
+    diffs.sort()
+    lo = diffs[int((1 - level) / 2 * n)]
+    hi = diffs[min(n - 1, int((1 + level) / 2 * n))]
+    return lo, hi
+
+
+def compare(records_a, records_b, seed=0) -> dict:
+    """Base (a) vs tuned (b) on the same questions, turn 1: accuracies, discordant counts, McNemar p,
+    bootstrap 95% CI of the difference."""
+    by_id = {r["id"]: r for r in records_b}
+    common = [r for r in records_a if r["id"] in by_id]
+    a = [r["turns"][0]["correct"] for r in common]
+    b = [by_id[r["id"]]["turns"][0]["correct"] for r in common]
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    lo, hi = bootstrap_diff(a, b, seed=seed) if common else (0.0, 0.0)
+    return {"questions": len(common), "accuracy_a": sum(a) / max(len(a), 1), "accuracy_b": sum(b) / max(len(b), 1),
+            "difference": (sum(b) - sum(a)) / max(len(a), 1), "only_a_right": only_a, "only_b_right": only_b,
+            "p_value": mcnemar(only_a, only_b), "ci95": [lo, hi]}
+
+
+# ---------------------------------------------------------------------------- one model
+
+def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str) -> tuple[dict, dict]:
+    """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
+    runs = {}
+    prompts = list(dict.fromkeys(cfg.prompts + [cfg.curve_prompt]))
+    for p in prompts:
+        rounds = max(cfg.rounds, 2) if p == cfg.curve_prompt else 2
+        runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, samples=1, temperature=0.0,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        with open(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in runs[p])
+    first = runs[prompts[0]]
+    n = len(first)
+    metrics = {"questions": n, "test_accuracy": accuracy(first),
+               "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1), "prompts": {}}
+    for p in cfg.prompts:
+        recs = runs[p]
+        metrics["prompts"][p] = {"turn1_accuracy": accuracy(recs, 0), "turn2_accuracy": accuracy(recs, 1),
+                                 "transitions": transitions(recs)}
+    curve = runs[cfg.curve_prompt]
+    metrics["rounds"] = {"prompt": cfg.curve_prompt,
+                         "accuracy": [accuracy(curve, k) for k in range(len(curve[0]["turns"]) if curve else 0)]}
+    return metrics, runs
+
+
+# ---------------------------------------------------------------------------- report
+
+def plot_rounds(metrics_by_model: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, m in metrics_by_model.items():
+        acc = m["rounds"]["accuracy"]
+        ax1.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker="o", label=name)
+    ax1.set_xlabel("turn")
+    ax1.set_ylabel("accuracy (%)")
+    ax1.set_title(f"K-round self-correction ({next(iter(metrics_by_model.values()))['rounds']['prompt']})")
+    ax1.legend()
+    names = list(metrics_by_model)
+    prompts = list(next(iter(metrics_by_model.values()))["prompts"])
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        m = metrics_by_model[name]["prompts"]
+        xs = [i + j * width for i in range(len(prompts))]
+        ax2.bar(xs, [m[p]["transitions"]["2"] for p in prompts], width, label=f"{name}: wrong→right")
+        ax2.bar(xs, [-m[p]["transitions"]["3"] for p in prompts], width, label=f"{name}: right→wrong")
+    ax2.axhline(0, color="black", lw=0.5)
+    ax2.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(prompts))], prompts)
+    ax2.set_title("review turn: wrong→right (up) vs right→wrong (down)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
+    lines = ["# Evaluation", "", "## Single-turn accuracy", "", "| model | questions | accuracy | unparsed |",
+             "|---|---|---|---|"]
+    for name, m in metrics_by_model.items():
+        lines.append(f"| {name} | {m['questions']} | {100 * m['test_accuracy']:.1f}% | {100 * m['unparsed_rate']:.1f}% |")
+    if comparison:
+        c = comparison
+        lines += ["", f"Difference {100 * c['difference']:+.1f} points (95% bootstrap CI {100 * c['ci95'][0]:+.1f} to "
+                      f"{100 * c['ci95'][1]:+.1f}); only base right {c['only_a_right']}, only tuned right "
+                      f"{c['only_b_right']}; McNemar exact p = {c['p_value']:.3g}."]
+    lines += ["", "## Intrinsic self-correction (turn 2 after a review prompt)", "",
+              "| model | prompt | turn 1 | turn 2 | right→right | wrong→right | right→wrong | wrong→wrong | unparsed |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in metrics_by_model.items():
+        for p, v in m["prompts"].items():
+            t = v["transitions"]
+            lines.append(f"| {name} | {p} | {100 * v['turn1_accuracy']:.1f}% | {100 * v['turn2_accuracy']:.1f}% | "
+                         f"{t['1']} | {t['2']} | {t['3']} | {t['4']} | {t['unparsed']} |")
+    lines += ["", "## K-round curve", "", "| model | " + " | ".join(
+        f"turn {k + 1}" for k in range(max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values()))) + " |"]
+    lines.append("|---|" + "---|" * max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values()))
+    for name, m in metrics_by_model.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}%" for a in m["rounds"]["accuracy"]) + " |")
+    lines += ["", "![rounds and transitions](eval.png)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the whole evaluation
+
+def load_model(path, device):
+    try:
+        return load_model_dir(path, device=device)
+    except (OSError, ValueError) as e:  # missing folder, CheckpointError, ConfigError: one line, no traceback
+        sys.exit(f"error: {e}")
+
+
+def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
+    t0 = time.time()
+    device = torch.device(resolve_device(cfg.device))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    try:
+        rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    with open(os.path.join(cfg.out_dir, "skipped.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in skipped)
+    if not rows:
+        sys.exit(f"error: no usable rows in {cfg.data} ({len(skipped)} skipped)")
+    models = [cfg.model] + ([cfg.compare] if cfg.compare else [])
+    labels = list(names[:len(models)]) if cfg.compare else ["model"]
+    metrics, runs = {}, {}
+    for label, path in zip(labels, models):
+        model, tok, proc = load_model(path, device)
+        metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label)
+        print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
+              f"on {len(rows)} questions", flush=True)
+    first = cfg.prompts[0] if cfg.prompts else cfg.curve_prompt
+    comparison = compare(runs[labels[0]][first], runs[labels[1]][first], seed=cfg.seed) if cfg.compare else None
+    out = {**metrics, "skipped": len(skipped), "seconds": time.time() - t0}
+    if comparison:
+        out.update(comparison=comparison, p_value=comparison["p_value"])
+    write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), out)
+    plot_rounds(metrics, os.path.join(cfg.out_dir, "eval.png"))
+    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+        f.write(report_markdown(metrics, comparison))
+    return out
