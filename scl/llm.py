@@ -1,0 +1,221 @@
+"""The decoder LLM: Llama and Qwen2 (RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention).
+
+Module names mirror transformers' LlamaForCausalLM (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`model.norm`, `lm_head`) so loading is a name map. Qwen2 differs only by q/k/v biases and, in the
+0.5B models, tied embeddings (no `lm_head`: the embedding matrix is the output head).
+
+The KV cache is functional: `past_key_values` is a list with one `(k, v)` per layer, each
+(B, H_kv, T_past, Dh), and each call returns new tensors (the past concatenated with this call's
+keys/values). Nothing is mutated, so gradients flow through a cached prefix (DPO prefix sharing) and
+generation is just "feed the returned list back in".
+
+Generation uses `KVCache` instead (gpt-fast style): preallocated buffers written in place, so a
+decode step does not copy the whole past. Same numbers, for inference only (it is mutated).
+
+Positions: with left padding the first real token must get position 0, so positions default to
+cumsum(attention_mask) - 1 (pads clamped to 0, as transformers' generate does), continuing after the past.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scl.config import TextConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Footgun: the mean square must be taken in fp32 (bf16 squares lose the small components);
+        # the weight multiplies after casting back, as in transformers, or bf16 logits drift.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel; bit-identical in fp32
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and signed sin, each (B, T, Dh), for rotate-half RoPE; computed in fp32, then cast.
+
+    HF's q/k weights are permuted so that dims i and i + Dh/2 form a rotating pair (not 2i, 2i+1):
+    out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). We fold the minus into the sin
+    table, (-sin, sin), so the rotation is one `roll`; the result is bit-identical.
+    """
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh) rotated by position."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin  # roll(x) = (x2, x1)
+
+
+class KVCache:
+    """Preallocated keys/values for generation: per layer (B, H_kv, max_len, Dh) each, filled in place.
+
+    `update` writes this call's keys/values at [length, length + T) and returns views of everything so far;
+    the model advances `length` once all layers have run.
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length, self.max_len = 0, max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        T, end = k.shape[2], self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; this call needs {end}")
+        self.k[layer].narrow(2, self.length, T).copy_(k)
+        self.v[layer].narrow(2, self.length, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)  # (B, H_kv, S, Dh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, qkv_bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        # Llama's attention_bias covers o_proj too; Qwen2 never has an o_proj bias
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=qkv_bias and cfg.model_type == "llama")
+
+    def forward(self, x, cos, sin, mask, past: KV | KVCache | None) -> tuple[torch.Tensor, KV]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(past, KVCache):
+            k, v = past.update(self.layer_idx, k, v)  # (B, H_kv, S, Dh), written in place
+        elif past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H_kv, S, Dh): new tensors
+        rep = self.n_head // self.n_kv
+        if T == 1 and rep > 1:
+            # Decoding one token: fold the query heads sharing a kv head into the "time" axis,
+            # (B, H, 1, Dh) -> (B, H_kv, rep, Dh), so no copy of k/v per query head is made.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep, self.head_dim), k, v,
+                                               attn_mask=mask, scale=self.head_dim ** -0.5)
+            y = y.reshape(B, self.n_head, 1, self.head_dim)
+        else:
+            kr, vr = k, v
+            if rep > 1:  # (B, H_kv, S, Dh) -> (B, H, S, Dh), each kv head serving `rep` query heads
+                kr = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
+                vr = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
+            y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.head_dim ** -0.5)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, S: int) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True = may attend: causal over the last T of S positions and no pads.
+
+    None when nothing is masked beyond plain causality, so SDPA can use `is_causal` (transformers
+    does the same; the result is bit-identical). A padded query row attends to nothing; SDPA returns
+    zeros there (torch >= 2.5), so no NaN ever reaches a real token.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None if (T == 1 or T == S) else torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+    if T == 1:  # one new token sees every past position: only the pads are masked
+        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    causal = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(S - T)  # (T, S)
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._inv_freq = {}  # per device; not a buffer, which model.to(bfloat16) would round
+
+    def inv_freq(self, device) -> torch.Tensor:  # (Dh/2,) fp32 RoPE frequencies
+        if device not in self._inv_freq:
+            d, theta = self.config.head_dim, self.config.rope_theta
+            with torch.inference_mode(False):  # a normal tensor even if first built inside generate()
+                self._inv_freq[device] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
+        return self._inv_freq[device]
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past or None).
+
+        attention_mask covers past + current tokens, (B, T_past + T), 1 real / 0 pad.
+        past_key_values: list of (k, v) per layer (functional), or a KVCache (advanced in place, returned).
+        """
+        B, T, _ = inputs_embeds.shape
+        static = isinstance(past_key_values, KVCache)
+        T_past = past_key_values.length if static else past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is not None and attention_mask.shape[1] != T_past + T:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; "
+                             f"expected T_past + T = {T_past + T}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T_past, T_past + T, device=inputs_embeds.device)[None].expand(B, -1)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), inputs_embeds.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): broadcast over heads
+        mask = attention_mask_4d(attention_mask, T, T_past + T)
+        if mask is not None:
+            mask = mask.to(inputs_embeds.device)
+        x, new_past = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values if static else past_key_values[i] if past_key_values else None
+            x, kv = layer(x, cos, sin, mask, past)
+            new_past.append(kv)
+        if static:
+            past_key_values.length += T
+            new_past = past_key_values
+        return self.norm(x), (new_past if use_cache else None)
+
+
+class CausalLM(nn.Module):
+    """TextModel + output head. With tied embeddings there is no `lm_head` module at all."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = TextModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # (V, D)
+        head = getattr(self, "lm_head", None)
+        return head.weight if head is not None else self.model.embed_tokens.weight

@@ -1,0 +1,169 @@
+"""Checkpoint folders in Hugging Face format: `load_vlm` reads them, `save_vlm` writes them (DESIGN §2).
+
+A folder holds `config.json`, `model.safetensors` (or shards listed in `model.safetensors.index.json`)
+and optionally `generation_config.json`. The same tensors appear under four naming layouts in the wild
+(research/vlm-format.md §3.1); `canonical_name` maps each to our module names with the short table
+`RENAMES`, and the loader then accounts for every key strictly: each checkpoint tensor is used or
+dropped for a stated reason (`DROPPED`), each model parameter is filled, shapes agree. Anything else is
+a `CheckpointError` with one line naming the file and the key — a half-loaded model that runs on random
+weights is the worst failure a loader can have.
+
+`save_vlm` writes layout (a), the one every llava-hf repo uses and transformers >= 4.52 loads.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from scl.config import ConfigError, VLMConfig
+from scl.vlm import VLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder we cannot load exactly; the one-line message names the file and the key."""
+
+
+# Applied in order, first match of each rule (vlm-format.md §3.3).
+RENAMES = [
+    (r"^model\.language_model\.", "language_model.model."),  # (b), (d): transformers' in-memory names
+    (r"^lm_head\.", "language_model.lm_head."),  # (b), (d)
+    (r"^model\.(vision_tower|multi_modal_projector)\.", r"\1."),  # (b), (d)
+    (r"^vision_tower\.vision_model\.", "vision_tower."),  # (a), (d): the CLIP wrapper transformers 5.6 removed
+]
+# Checkpoint tensors we knowingly do not use (matched against canonical names), with the reason.
+DROPPED = [
+    (r"\.position_ids$", "an index buffer older files stored; we use arange"),
+    (r"\.rotary_emb\.inv_freq$", "RoPE frequencies are recomputed from rope_theta"),
+    (r"^vision_tower\.head\.", "SigLIP's attention-pooling head; LLaVA reads hidden states, never the head"),
+]
+# Parameters a checkpoint may lack: post_layernorm is never applied by LLaVA (scl/vision.py), and some
+# exports strip it. It keeps LayerNorm's identity init so a re-save stays loadable by transformers.
+OPTIONAL = r"^vision_tower\.post_layernorm\."
+
+
+def canonical_name(key: str) -> str:
+    for pattern, repl in RENAMES:
+        key = re.sub(pattern, repl, key, count=1)
+    return key
+
+
+def hub_name(name: str) -> str:
+    """Our name -> layout (a): only the vision tower differs (the `vision_model.` level)."""
+    return re.sub(r"^vision_tower\.", "vision_tower.vision_model.", name, count=1)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _shards(path: Path) -> tuple[list[Path], Path]:
+    """The safetensors files to read, and the file to name when a key is missing."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: cannot read weight_map ({type(e).__name__}: {_one_line(e)})") from None
+        shards = []
+        for key, shard in weight_map.items():
+            if not (path / shard).is_file():
+                raise CheckpointError(f"{index}: shard {shard!r} listed for key {key!r} does not exist")
+            if path / shard not in shards:
+                shards.append(path / shard)
+        return shards, index
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return [single], single
+
+
+def _read(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({_one_line(e)})") from None
+
+
+def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
+    """Folder -> VLM in eval mode, every parameter from the checkpoint, cast to `dtype` on `device`."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (is {path} a checkpoint folder?)")
+    try:
+        config = VLMConfig.from_file(config_file)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    with torch.device("meta"):  # shapes only: nothing is allocated twice for a 7B model
+        model = VLM(config)
+    expected = model.state_dict()
+    state = {}
+    shards, index = _shards(path)
+    for file in shards:
+        for key, tensor in _read(file).items():
+            name = canonical_name(key)
+            if any(re.search(p, name) for p, _ in DROPPED):
+                continue
+            if name == "language_model.lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied: the head is embed_tokens; some tied checkpoints store a copy
+            if name not in expected:
+                alias = f" (read as {name!r})" if name != key else ""
+                raise CheckpointError(f"{file}: unexpected key {key!r}{alias}: not in the model config.json describes")
+            if name in state:
+                raise CheckpointError(f"{file}: key {key!r} appears twice (as {name!r})")
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, config.json implies "
+                                      f"{tuple(expected[name].shape)}")
+            state[name] = tensor.to(device=device, dtype=dtype)
+    missing = [n for n in expected if n not in state and not re.search(OPTIONAL, n)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{index}: missing key {missing[0]!r}{more}")
+    for name in expected.keys() - state.keys():  # optional post_layernorm: identity LayerNorm
+        fill = torch.ones if name.endswith("weight") else torch.zeros
+        state[name] = fill(expected[name].shape, dtype=dtype, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# -------------------------------------------------------------------- saving
+def _atomic(target: Path, write) -> None:
+    """write(tmp_path), then rename over target: a crash never leaves a half-written file under the real name."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(target: Path, obj: dict) -> None:
+    _atomic(target, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def save_vlm(model: VLM, path) -> None:
+    """Write `model` as a Hub-layout (a) folder: model.safetensors, config.json, generation_config.json.
+
+    Tied models write no head tensor (transformers re-ties it from `tie_word_embeddings`).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    dtype = next(iter(tensors.values())).dtype
+    _atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    stale = path / "model.safetensors.index.json"
+    if stale.exists():  # an older sharded save here would shadow the file just written
+        stale.unlink()
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(path / "config.json", config)
+    text = model.config.text_config
+    gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
+           "pad_token_id": model.config.pad_token_id}
+    _write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
