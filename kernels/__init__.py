@@ -1,0 +1,92 @@
+"""Per-token log-probabilities for DPO scoring (DESIGN §3): the one entry point the project calls.
+
+    token_logprobs(logits, targets)                 logits (N, V) or (B, T, V) -> (N,) or (B, T) fp32
+    linear_token_logprobs(hidden, weight, targets)  hidden (N, H), lm_head weight (V, H) -> (N,) fp32
+
+`impl=None` runs the Triton kernels on CUDA tensors (when triton imports) and the chunked PyTorch
+reference elsewhere; `impl="ref"` or `impl="triton"` forces one (tests; Triton on CPU tensors needs
+TRITON_INTERPRET=1, set by tests/conftest.py). Reading order: logprobs_ref.py, logprobs.py,
+linear_logprobs.py. Triton is imported only when a Triton path is taken, so this package works
+where triton is not installed.
+"""
+import functools
+
+import torch
+
+from kernels.logprobs_ref import linear_token_logprobs_ref, token_logprobs_ref
+
+__all__ = ["token_logprobs", "linear_token_logprobs"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed (macOS, Windows) or broken
+        return False
+    return True
+
+
+def _pick(impl, tensor: torch.Tensor) -> str:
+    if impl is None:
+        return "triton" if tensor.is_cuda and triton_available() else "ref"
+    if impl not in ("ref", "triton"):
+        raise ValueError(f"impl must be None, 'ref' or 'triton', got {impl!r}")
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("impl='triton' needs the triton package, which cannot be imported here; use impl='ref'")
+    return impl
+
+
+def _check_targets(targets: torch.Tensor, batch_shape, V: int, ignore_index: int) -> None:
+    """Host check (one device sync): a bad target would make a kernel read out of bounds."""
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32 or int64, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(batch_shape):
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match {tuple(batch_shape)}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        first = targets[bad][0].item()
+        raise ValueError(f"target id {first} is outside the vocabulary [0, {V}) and is not ignore_index={ignore_index}")
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, impl=None) -> torch.Tensor:
+    """log softmax(logits)[target] per token, fp32, differentiable.
+
+    Args:
+        logits: (N, V) or (B, T, V) float; any row strides (a shifted logits[:, :-1] is not copied).
+        targets: (N,) or (B, T) int32/int64; tokens equal to `ignore_index` give 0 and 0 gradient.
+        impl: None (Triton on CUDA, else reference), "ref" or "triton".
+    Returns:
+        (N,) or (B, T) float32.
+    """
+    if not logits.is_floating_point() or logits.dim() < 2:
+        raise ValueError(f"logits must be a float tensor (..., V), got {logits.dtype} {tuple(logits.shape)}")
+    _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    if _pick(impl, logits) == "triton":
+        from kernels.logprobs import token_logprobs_triton
+
+        return token_logprobs_triton(logits, targets, ignore_index)
+    return token_logprobs_ref(logits, targets, ignore_index)
+
+
+def linear_token_logprobs(hidden, weight, targets, ignore_index: int = -100, impl=None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] per token without materializing the (N, V) logits.
+
+    Args:
+        hidden: (N, H) float hidden states; drop prompt/image tokens first (DESIGN §3).
+        weight: (V, H) lm_head weight, same dtype and device as hidden.
+        targets: (N,) int32/int64; `ignore_index` tokens give 0 and 0 gradient.
+        impl: None (Triton on CUDA, else reference), "ref" or "triton".
+    Returns:
+        (N,) float32; gradients for hidden and weight are accumulated in fp32.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(f"hidden and weight must share a float dtype and device, got {hidden.dtype}/{weight.dtype}")
+    _check_targets(targets, hidden.shape[:1], weight.shape[0], ignore_index)
+    if _pick(impl, hidden) == "triton":
+        from kernels.linear_logprobs import linear_token_logprobs_triton
+
+        return linear_token_logprobs_triton(hidden, weight, targets, ignore_index)
+    return linear_token_logprobs_ref(hidden, weight, targets, ignore_index)

@@ -1,0 +1,236 @@
+"""Per-token log-probabilities straight from hidden states and the lm_head weight, in Triton,
+without ever materializing the (N, V) logits.
+
+    z = h @ W.T  (N, V),   logp[n] = z[n, y_n] - logsumexp_v z[n, v]
+    dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))
+    dh = dz @ W  (N, H),   dW = dz.T @ h  (V, H)
+
+`logprobs_ref.linear_token_logprobs_ref` computes the same in PyTorch one token chunk at a time.
+
+Why fuse. At N = 16384 tokens and a 152k vocab the bf16 logits alone are 5 GB and eager's fp32
+log_softmax another 10 GB; DPO needs only N numbers. This op is compute bound (2NHV flops forward,
+arithmetic intensity ~16,000 flop/byte, research/kernels.md §5.2), so fusion buys memory, O(N + V)
+beyond the gradients, at about the speed of the GEMMs it contains; it cannot be much faster.
+
+Forward: a grid of (token block, vocab split). Each program computes (BLOCK_N, BLOCK_V) logit tiles
+with `tl.dot` over H and merges them into a running max m and rescaled sum d per token (online
+softmax, arXiv:1805.02867), picking the target logit out of the tile that holds it. Splitting the
+vocabulary gives the GPU enough programs when N is small; the splits' partial (m, d, z_y) land in a
+small (splits, N) buffer that the launcher merges, deterministically, without locks.
+
+Backward: the upstream gradient g is known only after DPO has scored whole sequences, so lse is
+saved and each (token block, vocab tile) program recomputes its logit tile (8NHV flops in all,
+CCE-style: Wijmans et al. 2024, arXiv:2411.09009), forms dz in fp32 (true-class term before any
+rounding), and adds dz @ W_tile into dh and dz.T @ h_block into dW with fp32 atomics. The two
+gradients are fp32 buffers (converted to the inputs' dtype at the end): many programs add into
+each row, and a bf16 accumulator would drift (research/kernels.md §1.5). Atomic order varies on
+the GPU, so dh and dW can differ in the last fp32 bits between runs (the interpreter is serial).
+Tiles are visited in groups of GROUP_N token blocks so that concurrent programs spread their atomics
+over several dh and dW rows instead of all hitting one (as in the Triton matmul tutorial).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels.logprobs_ref import _empty
+
+
+def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes and launch options, the one place they are chosen (no autotune: see logprobs.py).
+
+    GPU: 16-bit operands on tensor cores with fp32 accumulation; fp32 operands use exact ("ieee")
+    products to match torch's default fp32 matmul. Interpreter: tiles large in N and H (one numpy
+    call per op, so fewer is faster) but 128 wide in V, so the test sizes cross tile and split
+    borders; tl.dot needs every tile side >= 16.
+    """
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        cfg = dict(BLOCK_N=max(16, min(64, triton.next_power_of_2(N))), BLOCK_V=128,
+                   BLOCK_K=max(16, min(32, triton.next_power_of_2(H))), num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    cfg["PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+    # Forward vocab splits, each a whole number of tiles: on the GPU enough (token block, split)
+    # programs to fill it (~4 per SM); in the interpreter 2 tiles per split, so tests cross splits.
+    n_tiles, n_blocks = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(max(N, 1), cfg["BLOCK_N"])
+    if on_gpu:
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, programs // n_blocks)))
+    else:
+        tiles_per_split = 2
+    cfg["V_PER_SPLIT"] = tiles_per_split * cfg["BLOCK_V"]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_hk, stride_wv, stride_wk,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """z[rows, cols] = h[rows] @ W[cols].T as a (BLOCK_N, BLOCK_V) fp32 tile; out-of-range rows/cols give 0."""
+    z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+                    mask=(rows[:, None] < N) & (ks[None, :] < H), other=0.0)  # (BLOCK_N, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                    mask=(cols[:, None] < V) & (ks[None, :] < H), other=0.0)  # (BLOCK_V, BLOCK_K)
+        # Operands stay in their dtype (tensor cores on GPU); the accumulator is fp32. (The CPU
+        # interpreter multiplies bf16 wrongly, which is why CPU tests use fp32.)
+        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
+    return z
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr,  # (N, H), (V, H), any strides
+    targets_ptr,  # (N,) int32/int64
+    m_ptr, d_ptr, zy_ptr,  # (splits, N) fp32 out: partial max, sum of exp(z - max), target logit
+    N, V, H, V_PER_SPLIT, stride_hn, stride_hk, stride_wv, stride_wk,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # 1. This program's token block and vocab split; int64 before stride math.
+    split = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = tl.load(targets_ptr + rows, mask=rows < N, other=-1).to(tl.int64)
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+
+    # 2. Online logsumexp across the split's vocab tiles (the first tile always has a real column,
+    #    so m is finite after it and exp(m - m_new) never sees -inf - -inf).
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    d = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_hk, stride_wv, stride_wk,
+                         BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+        z = tl.where(cols[None, :] < V, z, float("-inf"))  # padding columns are not in the vocabulary
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        # 3. The target logit, from whichever tile holds it (ignored targets match no column).
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+
+    # 4. Partial results of this split; the launcher merges the splits.
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=rows < N)
+    tl.store(d_ptr + out, d, mask=rows < N)
+    tl.store(zy_ptr + out, z_y, mask=rows < N)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr,  # (N, H), (V, H)
+    targets_ptr, lse_ptr, grad_logp_ptr,  # (N,) int, fp32 lse, fp32 upstream g
+    dh_ptr, dw_ptr,  # (N, H), (V, H) fp32 accumulators, zero-filled, contiguous
+    N, V, H, ignore_index, stride_hn, stride_hk, stride_wv, stride_wk,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    # 1. Program id -> (token block, vocab tile), grouped: GROUP_N token blocks per sweep of V.
+    pid = tl.program_id(0)
+    n_blocks, n_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V)
+    first = (pid // (GROUP_N * n_tiles)) * GROUP_N
+    group = tl.minimum(n_blocks - first, GROUP_N)
+    pid_n = first + (pid % (GROUP_N * n_tiles)) % group
+    pid_v = (pid % (GROUP_N * n_tiles)) // group
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+
+    # 2. Per-token inputs; ignored and padding rows get g = 0, hence an exact zero gradient.
+    y = tl.load(targets_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    g = tl.load(grad_logp_ptr + rows, mask=rows < N, other=0.0)
+    g = tl.where(y == ignore_index, 0.0, g)
+
+    # 3. Recompute the logit tile; dz = g * (onehot - p) in fp32, then once to the operand dtype.
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_hk, stride_wv, stride_wk,
+                     BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+    p = tl.exp(z - lse[:, None])
+    dz = g[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+    dz = tl.where(cols[None, :] < V, dz, 0.0).to(h_ptr.dtype.element_ty)  # (BLOCK_N, BLOCK_V)
+
+    # 4. dh[rows] += dz @ W[cols];  dW[cols] += dz.T @ h[rows], one BLOCK_K slice of H at a time.
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if COMPUTE_DH:
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                        mask=(cols[:, None] < V) & (ks[None, :] < H), other=0.0)
+            tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], tl.dot(dz, w, input_precision=PRECISION),
+                          mask=(rows[:, None] < N) & (ks[None, :] < H), sem="relaxed")
+        if COMPUTE_DW:
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+                        mask=(rows[:, None] < N) & (ks[None, :] < H), other=0.0)
+            tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], tl.dot(tl.trans(dz), h, input_precision=PRECISION),
+                          mask=(cols[:, None] < V) & (ks[None, :] < H), sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers and autograd
+
+
+def linear_logprobs_fwd(hidden, weight, targets, ignore_index):
+    """hidden (N, H), weight (V, H), targets (N,) -> logp (N,) fp32, lse (N,) fp32."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
+    splits = triton.cdiv(V, cfg["V_PER_SPLIT"])
+    m, d, z_y = (_empty((splits, N), torch.float32, hidden.device) for _ in range(3))
+    if N > 0:
+        _linear_logprobs_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), splits)](
+            hidden, weight, targets, m, d, z_y, N, V, H, cfg["V_PER_SPLIT"],
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    # Merge the splits: lse = M + log sum_s d_s exp(m_s - M). (splits, N) floats: negligible work.
+    m_max = m.amax(dim=0)
+    lse = m_max + torch.log(torch.sum(d * torch.exp(m - m_max), dim=0))
+    logp = torch.where(targets == ignore_index, 0.0, z_y.sum(dim=0) - lse)
+    return logp, lse
+
+
+def linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, ignore_index, need_dh, need_dw):
+    """-> dh (N, H) in hidden's dtype or None, dW (V, H) in weight's dtype or None."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
+    dh = torch.zeros((N, H) if need_dh else (0,), dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros((V, H) if need_dw else (0,), dtype=torch.float32, device=hidden.device)
+    if N > 0 and (need_dh or need_dw):
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+        _linear_logprobs_bwd_kernel[grid](
+            hidden, weight, targets, lse, grad_logp, dh, dw, N, V, H, ignore_index,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], GROUP_N=8,
+            PRECISION=cfg["PRECISION"], COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        y = targets.contiguous()
+        logp, lse = linear_logprobs_fwd(hidden, weight, y, ignore_index)
+        ctx.save_for_backward(hidden, weight, y, lse)
+        ctx.ignore_index = ignore_index
+        return logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp):
+        hidden, weight, y, lse = ctx.saved_tensors
+        dh, dw = linear_logprobs_bwd(hidden, weight, y, lse, grad_logp.float().contiguous(), ctx.ignore_index,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dh, dw, None, None
+
+
+def linear_token_logprobs_triton(hidden, weight, targets, ignore_index=-100):
+    """Triton version of `logprobs_ref.linear_token_logprobs_ref`: same arguments, same result."""
+    return LinearLogprobsFunction.apply(hidden, weight, targets, ignore_index)

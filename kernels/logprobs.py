@@ -1,0 +1,171 @@
+"""Per-token log-probabilities from logits, in Triton: one read of the logits forward, one read and
+one write backward.
+
+    logp[n] = z[n, y_n] - lse[n],    lse[n] = logsumexp_v z[n, v]                 (forward)
+    dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))                    (backward)
+
+`logprobs_ref.py` holds the same function in PyTorch; read it first.
+
+Memory traffic (b bytes per logit, 2 for bf16) is the whole cost of this bandwidth-bound op:
+- eager `log_softmax(z.float()).gather(y)`: forward reads z (b), writes and re-reads an fp32 copy
+  (4 + 4) and writes the fp32 log_softmax (4), kept for backward; backward writes a zero-filled
+  fp32 gather gradient (4), reads it with the log_softmax (4 + 4), writes the fp32 gradient (4),
+  then reads it (4) to write it in z's dtype (b): about 32 + 2b bytes per logit, 36 for bf16.
+- here: forward reads each row once, keeping a running max m and a rescaled sum d in fp32 (online
+  softmax, Milakov & Gimelshein 2018, arXiv:1805.02867, Alg. 3) and saves lse, 4 bytes per *row*;
+  backward reads z once more and writes dz: 3b bytes per logit (6 for bf16), the minimum for a
+  backward that cannot start before DPO knows g (research/kernels.md §5.1).
+
+Forward: one program per row, a loop over vocab blocks. Backward: a (row, vocab block) grid, each
+program independent. Row offsets are int64: n * stride passes 2^31 at N*V > 2.1e9 (triton#1058).
+The gradient goes to a new buffer, never into the logits in place: Triton stores do not bump
+autograd's version counter, so anything else that saved the logits would silently see dz
+(Liger #254/#343).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels.logprobs_ref import _as_3d, _empty
+
+
+def _settings(V: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps), the one place block sizes are chosen (no autotune: the interpreter lacks it).
+
+    On the GPU 8192-wide blocks (4-8K is where streaming kernels reach HBM speed). In the CPU
+    interpreter each op costs the same whatever its width; 1024 keeps it fast and makes the test
+    sizes (V up to 4099) cross block borders, so the online merge and the tail mask are exercised.
+    """
+    block = min(8192 if device.type == "cuda" else 1024, triton.next_power_of_2(V))
+    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # (B, T, V) any dtype, last-dim stride 1
+    targets_ptr,  # (B*T,) int32/int64
+    logp_ptr,  # (B*T,) fp32 out
+    lse_ptr,  # (B*T,) fp32 out, saved for backward
+    T, stride_b, stride_t, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # 1. Row n -> (b, t): a shifted logits[:, :-1] is read in place. int64 before any stride math.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    y = tl.load(targets_ptr + row).to(tl.int64)
+
+    # 2. Ignored rows never read their logits: logp = 0 (and lse = 0, unused by backward).
+    if y == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        return
+
+    # 3. One pass over the row: running max m and sum d of exp(z - m), both fp32.
+    m = float("-inf")
+    d = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)  # upcast first
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    # 4. The target logit is one more (cached) load; the dispatcher checked 0 <= y < V.
+    z_y = tl.load(row_ptr + y).to(tl.float32)
+    tl.store(logp_ptr + row, z_y - lse)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,  # (B, T, V) as in forward
+    targets_ptr,  # (B*T,)
+    lse_ptr,  # (B*T,) fp32 from forward
+    grad_logp_ptr,  # (B*T,) fp32 upstream gradient g
+    grad_ptr,  # (B*T, V) out, contiguous, the logits' dtype
+    T, stride_b, stride_t, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # 1. This program's row and vocab block.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    grad_row_ptr = grad_ptr + row * V
+    y = tl.load(targets_ptr + row).to(tl.int64)
+
+    # 2. Ignored rows: an exact zero gradient, without reading logits or lse.
+    if y == ignore_index:
+        tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=mask)
+        return
+
+    # 3. Softmax recomputed from the saved lse; g * (onehot - p) formed in fp32 and rounded once,
+    #    so the true-class entry g * (1 - p_y) keeps its precision when p_y -> 1 (Liger #1329).
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    p = tl.exp(z - tl.load(lse_ptr + row))
+    g = tl.load(grad_logp_ptr + row)
+    dz = g * (tl.where(cols == y, 1.0, 0.0) - p)
+    tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: shapes, buffers, grid
+
+
+def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """logits (B, T, V) with unit last stride, targets (B*T,) -> logp (B*T,) fp32, lse (B*T,) fp32."""
+    B, T, V = logits.shape
+    logp = _empty(B * T, torch.float32, logits.device)
+    lse = _empty(B * T, torch.float32, logits.device)
+    if B * T > 0:
+        block, warps = _settings(V, logits.device)
+        _logprobs_fwd_kernel[(B * T,)](
+            logits, targets, logp, lse, T, logits.stride(0), logits.stride(1), V, ignore_index,
+            BLOCK_V=block, num_warps=warps,
+        )
+    return logp, lse
+
+
+def logprobs_bwd(logits, targets, lse, grad_logp, ignore_index):
+    """-> grad (B, T, V) contiguous, in the logits' dtype (a new buffer)."""
+    B, T, V = logits.shape
+    grad = _empty((B, T, V), logits.dtype, logits.device)
+    if B * T > 0:
+        block, warps = _settings(V, logits.device)
+        _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
+            logits, targets, lse, grad_logp, grad, T, logits.stride(0), logits.stride(1), V, ignore_index,
+            BLOCK_V=block, num_warps=warps,
+        )
+    return grad
+
+
+class LogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        z3 = _as_3d(logits)  # (B, T, V): a view, also of a shifted slice
+        if z3.stride(-1) != 1:
+            z3 = z3.contiguous()  # the kernels read rows with unit stride
+        y = targets.reshape(-1).contiguous()  # (B*T,)
+        logp, lse = logprobs_fwd(z3, y, ignore_index)
+        ctx.save_for_backward(z3, y, lse)
+        ctx.ignore_index, ctx.shape = ignore_index, logits.shape
+        return logp.view(targets.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp):
+        z3, y, lse = ctx.saved_tensors
+        g = grad_logp.reshape(-1).float().contiguous()  # (B*T,); `sum().backward()` hands an expanded view
+        grad = logprobs_bwd(z3, y, lse, g, ctx.ignore_index)
+        return grad.view(ctx.shape), None, None
+
+
+def token_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Triton version of `logprobs_ref.token_logprobs_ref`: same arguments, same result."""
+    return LogprobsFunction.apply(logits, targets, ignore_index)
