@@ -66,8 +66,10 @@ class VLM(nn.Module):
             return x
         feats = self.image_features(pixel_values).to(x.dtype)  # (B_img, P, D)
         is_image = input_ids == self.config.image_token_index  # (B, T)
-        n_tokens, (n_images, P) = int(is_image.sum()), feats.shape[:2]
-        if n_tokens != n_images * P:
+        n_images, P = feats.shape[:2]
+        # The count check reads a tensor value; under torch.compile that would split the graph, and
+        # the compiled SFT step always feeds conversations rendered with the right count.
+        if not torch.compiler.is_compiling() and (n_tokens := int(is_image.sum())) != n_images * P:
             raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but "
                              f"pixel_values give {n_images} image(s) x {P} features = {n_images * P}")
         # row-major order: the k-th image token (scanning batch then time) gets the k-th feature vector

@@ -1,0 +1,454 @@
+"""The built-in synthetic task: multiple-choice questions about coloured shapes on a 3×3 grid (DESIGN §5).
+
+Nothing can be downloaded, so the default experiment brings its own data: Pillow draws the scenes, a
+tiny LLaVA-architecture model is SFT-trained on them from scratch, and the SCL loop runs on top. The
+files are the generic MCQ JSONL (`{"id", "image", "question", "options", "answer"}`), so every later
+stage runs the same code as for a user's data set.
+
+Why the task looks like this. A throwaway prototype with freely placed shapes reached only 33-38%
+after 7-13 minutes of CPU SFT, and its bottleneck was the option letter, not the image
+(research/feasibility.md). So everything here is shaped for a tiny model that learns in minutes:
+- One object per grid cell and one cell per ViT patch (`cell_px` must equal the model's patch size):
+  each image token holds one whole object, colour, shape and size are linear in its pixels, and the
+  cell is its position embedding. 48×48 px, 9 image tokens.
+- Few values: 4 colours, 4 shapes, 2 sizes, 9 cells with one-word names (`top-left` … `bottom-right`).
+  Every question has exactly four answers that make sense: the 4 colours, the 4 shapes, or 4
+  consecutive counts.
+- No answer prior: the option set is drawn first, the gold option uniformly among the four (letters
+  exactly balanced per split), and only then a scene that makes it true. A model that does not look
+  at the image is at 25%; the test file checks a text-only lookup table stays near that.
+- The rationale is a few easy steps grounded in the scene (list the cells that match, then the
+  count), then it names the value and its option ("So the answer is 3, option B.") and copies the
+  letter into `## B ##`: the letter becomes a lookup of a value the model has just written.
+- The tokenizer makes each fixed protocol sentence one token (`protocol_sentences`): a turn-1 prompt
+  is ~28 text tokens instead of ~59, a review message 5 instead of 57-74; SFT time is ∝ tokens.
+
+Issue 7, the review turn in SFT data: a share of SFT conversations carries turn 2 (turn-1 answer, a
+review prompt cp/vp1/vp2/vp3 drawn at random, a second answer), so the model knows the format. Both
+answers are the correct response; since a rationale is a function of the scene, re-deriving it gives
+the same text. No turn-1 answer is made wrong on purpose and "fixed": the SFT data must not teach
+turn 2 to fail or to succeed. Expect greedy turn 2 to mostly repeat turn 1; flips come from sampling.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+
+from PIL import Image, ImageDraw
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+VALUES = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
+CELLS = ("top-left", "top-middle", "top-right", "middle-left", "centre", "middle-right",
+         "bottom-left", "bottom-middle", "bottom-right")  # cell index = 3 * row + column
+DIRECTIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+FAMILIES = ("count_colour", "count_shape", "colour_at", "shape_at", "largest", "most_common",
+            "relation", "arithmetic")
+LETTERS = "ABCD"
+REVIEW_PROMPTS = ("cp", "vp1", "vp2", "vp3")  # DESIGN §1.2
+RGB = {"red": (220, 38, 38), "green": (22, 163, 74), "blue": (37, 99, 235), "yellow": (234, 179, 8)}
+BACKGROUND = (245, 245, 245)
+
+# ---------------------------------------------------------------------------- scenes and images
+# A scene is a list of objects {"cell", "colour", "shape", "size"}, sorted by cell, at most one per cell.
+
+
+def _obj(rng, cell, fix=None, avoid=None):
+    """A random object in `cell`; attributes in `fix` are set, values in `avoid` are not drawn."""
+    fix, avoid = fix or {}, avoid or {}
+    o = {"cell": cell}
+    for attr, values in VALUES.items():
+        o[attr] = fix[attr] if attr in fix else rng.choice([v for v in values if v != avoid.get(attr)])
+    return o
+
+
+def render(scene, cell_px=16):
+    """The scene as a (3·cell_px)² RGB image; each object is centred in its cell and stays inside it."""
+    img = Image.new("RGB", (3 * cell_px, 3 * cell_px), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene:
+        row, col = divmod(o["cell"], 3)
+        margin = 1 if o["size"] == "large" else cell_px // 4  # 14 px vs 8 px wide in a 16-px cell
+        x0, y0 = col * cell_px + margin, row * cell_px + margin
+        x1, y1 = (col + 1) * cell_px - 1 - margin, (row + 1) * cell_px - 1 - margin  # inclusive
+        box = (x0, y0, x1, y1)
+        if o["shape"] == "circle":
+            draw.ellipse(box, fill=RGB[o["colour"]])
+        elif o["shape"] == "square":
+            draw.rectangle(box, fill=RGB[o["colour"]])
+        elif o["shape"] == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=RGB[o["colour"]])
+        else:  # diamond
+            draw.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1),
+                          (x0, (y0 + y1) / 2)], fill=RGB[o["colour"]])
+    return img
+
+
+# ---------------------------------------------------------------------------- question families
+# Each builder gets the gold option's index and returns (scene, question, options, params). The
+# option set comes first and the scene is made to fit it, so the text alone tells nothing.
+
+
+def _counts(rng, i):  # 4 consecutive counts, sorted; gold at index i
+    low = rng.randint(0, 3)
+    return [str(low + k) for k in range(4)], low + i
+
+
+def _categories(rng, attr, i):  # all 4 values of `attr` in random order; gold at index i
+    gold = rng.choice(VALUES[attr])
+    options = [v for v in VALUES[attr] if v != gold]
+    rng.shuffle(options)
+    options.insert(i, gold)
+    return options, gold
+
+
+def _count(rng, i, attr):
+    options, k = _counts(rng, i)
+    target = rng.choice(VALUES[attr])
+    cells = rng.sample(range(9), rng.randint(max(k, 2), min(9, max(k, 2) + 4)))
+    scene = [_obj(rng, c, fix={attr: target}) if j < k else _obj(rng, c, avoid={attr: target})
+             for j, c in enumerate(cells)]
+    question = f"How many {target} shapes are there?" if attr == "colour" else f"How many {target}s are there?"
+    return scene, question, options, {"attr": attr, "value": target}
+
+
+def _arithmetic(rng, i):
+    options, left = _counts(rng, i)
+    colour = rng.choice(COLOURS)
+    taken = rng.randint(0 if left else 1, min(3, 9 - left))
+    cells = rng.sample(range(9), left + taken)
+    scene = [_obj(rng, c, fix={"colour": colour}) if j < taken else _obj(rng, c, avoid={"colour": colour})
+             for j, c in enumerate(cells)]
+    return scene, f"How many shapes are there in total minus the {colour} ones?", options, {"colour": colour}
+
+
+def _at(rng, i, attr):
+    options, gold = _categories(rng, attr, i)
+    cells = rng.sample(range(9), rng.randint(2, 7))
+    scene = [_obj(rng, cells[0], fix={attr: gold})] + [_obj(rng, c) for c in cells[1:]]
+    where = CELLS[cells[0]]
+    question = f"What colour is the shape at the {where}?" if attr == "colour" else f"What shape is at the {where}?"
+    return scene, question, options, {"attr": attr, "cell": cells[0]}
+
+
+def _largest(rng, i, attr):
+    options, gold = _categories(rng, attr, i)
+    cells = rng.sample(range(9), rng.randint(2, 7))
+    scene = [_obj(rng, cells[0], fix={attr: gold, "size": "large"})]
+    scene += [_obj(rng, c, fix={"size": "small"}) for c in cells[1:]]
+    question = "What colour is the largest shape?" if attr == "colour" else "What shape is the largest object?"
+    return scene, question, options, {"attr": attr}
+
+
+def _most_common(rng, i, attr):
+    options, gold = _categories(rng, attr, i)
+    top = rng.randint(2, 3)  # the others have fewer: at most 3 + 3·2 = 9 objects
+    values = [v for v in VALUES[attr] for _ in range(top if v == gold else rng.randint(0, top - 1))]
+    scene = [_obj(rng, c, fix={attr: v}) for c, v in zip(rng.sample(range(9), len(values)), values)]
+    question = "Which colour do most shapes have?" if attr == "colour" else "Which shape is the most common?"
+    return scene, question, options, {"attr": attr}
+
+
+def _relation(rng, i, attr):
+    options, gold = _categories(rng, attr, i)
+    direction = rng.choice(list(DIRECTIONS))
+    (dr, dc), cells = DIRECTIONS[direction], list(range(9))
+    anchor = rng.choice([c for c in cells if 0 <= c // 3 + dr < 3 and 0 <= c % 3 + dc < 3])
+    near = anchor + 3 * dr + dc
+    a = _obj(rng, anchor)
+    kind = (a["colour"], a["shape"])  # the anchor must be the only object of its kind
+    other = "shape" if attr == "colour" else "colour"
+    scene = [a, _obj(rng, near, fix={attr: gold}, avoid={other: a[other]} if gold == a[attr] else None)]
+    for c in rng.sample([c for c in cells if c not in (anchor, near)], rng.randint(0, 5)):
+        o = _obj(rng, c)
+        while (o["colour"], o["shape"]) == kind:
+            o = _obj(rng, c)
+        scene.append(o)
+    name = f"the {a['colour']} {a['shape']}"
+    question = (f"What colour is the shape directly {direction} {name}?" if attr == "colour"
+                else f"What shape is directly {direction} {name}?")
+    return scene, question, options, {"attr": attr, "anchor": anchor, "direction": direction}
+
+
+def make_question(rng, family, letter):
+    """One scene and question of `family` whose gold option is `letter`."""
+    i, attr = LETTERS.index(letter), rng.choice(("colour", "shape"))
+    builders = {"count_colour": lambda: _count(rng, i, "colour"), "count_shape": lambda: _count(rng, i, "shape"),
+                "colour_at": lambda: _at(rng, i, "colour"), "shape_at": lambda: _at(rng, i, "shape"),
+                "largest": lambda: _largest(rng, i, attr), "most_common": lambda: _most_common(rng, i, attr),
+                "relation": lambda: _relation(rng, i, attr), "arithmetic": lambda: _arithmetic(rng, i)}
+    scene, question, options, params = builders[family]()
+    q = {"family": family, "params": params, "question": question, "options": options, "answer": letter}
+    return sorted(scene, key=lambda o: o["cell"]), q
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def _steps(scene, q):
+    """The reasoning steps that lead from `scene` to the answer of `q` (without the answer sentence)."""
+    p, at = q["params"], {o["cell"]: o for o in scene}
+
+    def listing(noun, match):
+        cells = [CELLS[o["cell"]] for o in scene if match(o)]
+        return f"Looking for {noun}: {', '.join(cells) or 'none'}. That makes {len(cells)}.", len(cells)
+
+    family = q["family"]
+    if family.startswith("count"):
+        attr, v = p["attr"], p["value"]
+        return listing(f"{v} shapes" if attr == "colour" else f"{v}s", lambda o: o[attr] == v)[0]
+    if family == "arithmetic":
+        (first, total), (second, taken) = listing("all shapes", lambda o: True), listing(
+            f"{p['colour']} shapes", lambda o: o["colour"] == p["colour"])
+        return f"{first} {second} {total} - {taken} = {total - taken}."
+    if family.endswith("_at"):
+        o = at[p["cell"]]
+        return f"The shape at the {CELLS[o['cell']]} is a {o['colour']} {o['shape']}."
+    if family == "largest":
+        o = next(o for o in scene if o["size"] == "large")
+        return f"The largest shape is the {o['colour']} {o['shape']} at the {CELLS[o['cell']]}."
+    if family == "most_common":
+        n = Counter(o[p["attr"]] for o in scene)
+        counts = ", ".join(f"{v} {n[v]}" for v in VALUES[p["attr"]])
+        return f"Counting {p['attr']}s: {counts}. The most common is {n.most_common(1)[0][0]}."
+    a = at[p["anchor"]]  # relation
+    dr, dc = DIRECTIONS[p["direction"]]
+    o = at[p["anchor"] + 3 * dr + dc]
+    return (f"The {a['colour']} {a['shape']} is at the {CELLS[a['cell']]}. Directly {p['direction']} it, "
+            f"at the {CELLS[o['cell']]}, is a {o['colour']} {o['shape']}.")
+
+
+def _imagine(scene, q, value):
+    """The scene as a model that answers `value` would have to see it: the fewest changes that make
+    `value` the answer. Wrong responses are written from it, so their steps agree with their answer."""
+    scene, p, family = [dict(o) for o in scene], q["params"], q["family"]
+    if family.startswith("count") or family == "arithmetic":
+        if family == "arithmetic":
+            match, like = (lambda o: o["colour"] != p["colour"]), {"colour": next(c for c in COLOURS if c != p["colour"])}
+        else:
+            match, like = (lambda o: o[p["attr"]] == p["value"]), {p["attr"]: p["value"]}
+        hits = [o for o in scene if match(o)]
+        for o in hits[int(value):]:
+            scene.remove(o)  # too many: forget the last ones
+        free = [c for c in range(9) if c not in {o["cell"] for o in scene}]
+        for _ in range(int(value) - len(hits)):  # too few: imagine more, in empty cells first
+            if free:
+                o = {"cell": free.pop(0), "colour": "red", "shape": "circle", "size": "small"}
+                scene.append(o)
+            else:
+                o = next(o for o in scene if not match(o))
+            o.update(like)
+    elif family == "most_common":  # swap the two values everywhere
+        gold = q["options"][LETTERS.index(q["answer"])]
+        for o in scene:
+            o[p["attr"]] = {gold: value, value: gold}.get(o[p["attr"]], o[p["attr"]])
+    else:  # one object's colour or shape
+        if family == "largest":
+            cell = next(o["cell"] for o in scene if o["size"] == "large")
+        elif family == "relation":
+            dr, dc = DIRECTIONS[p["direction"]]
+            cell = p["anchor"] + 3 * dr + dc
+        else:
+            cell = p["cell"]
+        next(o for o in scene if o["cell"] == cell)[p["attr"]] = value
+    return sorted(scene, key=lambda o: o["cell"])
+
+
+def response(scene, q, letter=None):
+    """A step-by-step answer to `q` that picks `letter` (default: the gold one) and ends `## X ##`.
+
+    A non-gold letter gets the steps of the scene it would take to make that option right."""
+    letter = letter or q["answer"]
+    value = q["options"][LETTERS.index(letter)]
+    seen = scene if letter == q["answer"] else _imagine(scene, q, value)
+    return f"{_steps(seen, q)} So the answer is {value}, option {letter}. ## {letter} ##"
+
+
+# ---------------------------------------------------------------------------- independent checker
+# Recomputes the answer from the scene and the question *text*, with its own code: it shares
+# nothing with the builders above but the value names, and returns None when the answer is not
+# unique (two largest shapes, two anchors, a tie for most common, an empty cell).
+
+_ANSWERS = [
+    (r"How many shapes are there in total minus the (\w+) ones\?",
+     lambda s, c: str(len(s) - [o["colour"] for o in s].count(c))),
+    (r"How many (\w+) shapes are there\?", lambda s, c: str([o["colour"] for o in s].count(c))),
+    (r"How many (\w+)s are there\?", lambda s, sh: str([o["shape"] for o in s].count(sh))),
+    (r"What (colour) is the shape at the ([\w-]+)\?|What (shape) is at the ([\w-]+)\?", "at"),
+    (r"What (colour) is the largest shape\?|What (shape) is the largest object\?", "largest"),
+    (r"Which (colour) do most shapes have\?|Which (shape) is the most common\?", "most"),
+    (r"What (colour) is the shape directly ([\w ]+?) the (\w+) (\w+)\?|"
+     r"What (shape) is directly ([\w ]+?) the (\w+) (\w+)\?", "relation"),
+]
+
+
+def _solve(scene, question):
+    grid = {(o["cell"] // 3, o["cell"] % 3): o for o in scene}
+    for pattern, how in _ANSWERS:
+        m = re.fullmatch(pattern, question)
+        if not m:
+            continue
+        args = [g for g in m.groups() if g is not None]
+        if callable(how):
+            return how(scene, *args)
+        attr = args[0]
+        if how == "at":
+            cell = CELLS.index(args[1])
+            o = grid.get((cell // 3, cell % 3))
+            return o and o[attr]
+        if how == "largest":
+            big = [o for o in scene if o["size"] == "large"]
+            return big[0][attr] if len(big) == 1 else None
+        if how == "most":
+            ranked = Counter(o[attr] for o in scene).most_common()
+            return ranked[0][0] if len(ranked) == 1 or ranked[0][1] > ranked[1][1] else None
+        step = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[args[1]]
+        anchors = [rc for rc, o in grid.items() if (o["colour"], o["shape"]) == (args[2], args[3])]
+        o = grid.get((anchors[0][0] + step[0], anchors[0][1] + step[1])) if len(anchors) == 1 else None
+        return o and o[attr]
+    return None
+
+
+def check_answer(scene, question, options):
+    """The gold letter of a question about `scene`, or None when no single option is right."""
+    value = _solve(scene, question)
+    return LETTERS[options.index(value)] if value in options and options.count(value) == 1 else None
+
+
+# ---------------------------------------------------------------------------- splits and files
+
+
+def content_key(scene, question):
+    """Hash of what a question is about; no scene + question pair is in two splits."""
+    return hashlib.sha1(json.dumps([scene, question], sort_keys=True).encode()).hexdigest()
+
+
+def build_split(seed, split, n, exclude=()):
+    """`n` rows of one split, deterministic in (seed, split); families and gold letters are balanced
+    exactly (up to n mod 8 and n mod 4). Rows whose content key is in `exclude` are drawn again."""
+    rng = random.Random(f"scl-task/{seed}/{split}")  # a str seed is hashed with sha512: stable
+    families = [FAMILIES[k % len(FAMILIES)] for k in range(n)]
+    letters = [LETTERS[k % 4] for k in range(n)]
+    rng.shuffle(families)
+    rng.shuffle(letters)
+    seen, rows = set(exclude), []
+    for k, (family, letter) in enumerate(zip(families, letters)):
+        while True:
+            scene, q = make_question(rng, family, letter)
+            key = content_key(scene, q["question"])
+            if key not in seen:
+                break
+        seen.add(key)
+        rows.append({"id": f"{split}-{k:06d}", "image": f"images/{split}/{k:06d}.png", **q, "scene": scene})
+    return rows
+
+
+def conversation(row, rng, review_fraction=0.25, turn1_message=None, review_message=None):
+    """An SFT conversation for `row`: turn 1, and with probability `review_fraction` a review turn
+    (DESIGN §1.2; prompt drawn from cp/vp1/vp2/vp3) answered again with the same correct response
+    (issue 7: no planted mistakes). Messages are {"role", "content"}; the image goes with message 0."""
+    if turn1_message is None or review_message is None:
+        from scl import prompts  # lazily: scl.prompts is written alongside this module
+        turn1_message, review_message = prompts.turn1_message, prompts.review_message
+    answer = response(row["scene"], row)
+    messages = [{"role": "user", "content": turn1_message(row["question"], row["options"])},
+                {"role": "assistant", "content": answer}]
+    if rng.random() < review_fraction:
+        messages += [{"role": "user", "content": review_message(rng.choice(REVIEW_PROMPTS))},
+                     {"role": "assistant", "content": answer}]
+    return messages
+
+
+def write_task(out_dir, seed=0, n_sft=20000, n_construct=2000, n_test=1000, cell_px=16,
+               review_fraction=0.25, turn1_message=None, review_message=None):
+    """Write out_dir/{sft,construct,test}.jsonl and out_dir/images/<split>/*.png; return the rows.
+
+    Rows: {"id", "image", "question", "options", "answer"} (the generic format) plus "family",
+    "params", "scene"; sft rows also carry "messages" (see `conversation`). The test split is drawn
+    first and construct second, so they do not change with n_sft."""
+    rng, seen, splits = random.Random(f"scl-task/{seed}/conversations"), set(), {}
+    for split, n in (("test", n_test), ("construct", n_construct), ("sft", n_sft)):
+        rows = build_split(seed, split, n, exclude=seen)
+        seen.update(content_key(r["scene"], r["question"]) for r in rows)
+        os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+        tmp = os.path.join(out_dir, f"{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                render(row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
+                if split == "sft":
+                    row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message)
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, os.path.join(out_dir, f"{split}.jsonl"))  # a complete file or none
+        splits[split] = rows
+    return splits
+
+
+# ---------------------------------------------------------------------------- tokenizer
+# A small BPE over the task's own text. Pre-tokenizer: newlines and . , ? stand alone (so the value
+# in "is 3, option B." is the same token as in the option line "B. 3"), then Metaspace splits on
+# spaces and marks them with "▁", and its decoder puts them back: decode(encode(text)) == text.
+
+# llava-1.5's chat template (research/vlm-format.md §2.8) without {% generation %} tags, with
+# LLaVA's "</s>" after each assistant turn: "USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:".
+# Content may be a string or a list of {"type": "image"|"text"} items; system messages are dropped.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ texts | join(' ') + eos_token }}{% else %}{{ texts | join(' ') + ' ' }}{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def protocol_sentences(turn1_message=None, review_message=None):
+    """The lines of the protocol prompts that never change (instructions, review prompts)."""
+    if turn1_message is None or review_message is None:
+        from scl import prompts
+        turn1_message, review_message = prompts.turn1_message, prompts.review_message
+    question, options = "Q?", ["o1", "o2", "o3", "o4"]
+    lines = [x for x in turn1_message(question, options).split("\n")
+             if x != question and not re.fullmatch(r"[A-D]\. o\d", x)]
+    lines += [x for name in REVIEW_PROMPTS for x in review_message(name).split("\n")]
+    return list(dict.fromkeys(x for x in lines if x.strip()))
+
+
+def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_length=1024):
+    """Train a BPE on `texts`; write out_dir/tokenizer.json and tokenizer_config.json; return the
+    tokenizers.Tokenizer. Ids: <unk> 0, <s> 1, </s> 2, the learned pieces, <image>, <pad>, then each
+    of `whole_tokens` (e.g. `protocol_sentences()`) as one token. Every printable ASCII character is
+    in the alphabet, so any ASCII text round-trips."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[\n.,?]"), "isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    alphabet = [chr(c) for c in range(33, 127)] + ["▁", "\n"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    pieces = []
+    for text in texts:  # the whole tokens are matched before BPE: spend no merges on them
+        for whole in whole_tokens:
+            text = text.replace(whole, "\n")
+        pieces += [text, "\n" + text]  # also as after "<image>\n": a first word without "▁"
+    roles = ["USER: ASSISTANT:\nUSER:"] * 100  # the chat format's words, first in a text and after </s>
+    tok.train_from_iterator(pieces + roles, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in whole_tokens])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left", "add_bos_token": True,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return tok

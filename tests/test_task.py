@@ -1,0 +1,287 @@
+"""The built-in synthetic task: determinism, disjoint splits, answers right by an independent checker,
+no answer prior, balanced letters, grounded responses, the images, and the tokenizer."""
+import json
+import os
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scl import task
+
+# The protocol's strings (research/paper.md §2.2-2.3), written out here so these tests do not depend
+# on scl/prompts.py; task.py takes the two functions as parameters.
+STEP = "Explain your reasoning step-by-step."
+FORMAT = ("Your final answer should be put between two ##, like ## A ## (if your final answer is A), "
+          "at the end of your response.")
+REVIEW = {
+    "cp": "Review your previous answer and find problems with your answer. Based on the problems you "
+          "found, improve your answer.",
+    "vp1": "Review your previous answer and ensure that all relevant aspects of the image have been "
+           "considered. Are there any elements or details that you missed? Based on your review, improve "
+           "your answer.",
+    "vp2": "Review your contextual understanding of the image. Have you correctly interpreted the overall "
+           "context and purpose of the scene? Based on your review, improve your answer.",
+    "vp3": "Review your answer and ensure that your understanding of the image is comprehensive and "
+           "detailed. Are there any aspects of the scene that you have omitted or misinterpreted? Based on "
+           "your review, improve your answer.",
+}
+
+
+def turn1_message(question, options):
+    return "\n".join([question] + [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)] + [STEP, FORMAT])
+
+
+def review_message(name):
+    return "\n".join([REVIEW[name], STEP, FORMAT])
+
+
+PROMPTS = dict(turn1_message=turn1_message, review_message=review_message)
+ANSWER = re.compile(r"So the answer is (.+), option ([A-D])\. ## ([A-D]) ##$")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return task.build_split(0, "test", 2000)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("task")
+    return out, task.write_task(out, seed=1, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(written, tmp_path_factory):
+    out, splits = written
+    texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
+    path = tmp_path_factory.mktemp("tokenizer")
+    task.train_tokenizer(texts, path, whole_tokens=task.protocol_sentences(**PROMPTS))
+    return path
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path, written):
+    out, _ = written
+    task.write_task(tmp_path / "again", seed=1, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
+    task.write_task(tmp_path / "other", seed=2, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
+    for split in ("sft", "construct", "test"):
+        mine = (out / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / "again" / f"{split}.jsonl").read_bytes() == mine
+        assert (tmp_path / "other" / f"{split}.jsonl").read_bytes() != mine
+    for name in ("images/test/000000.png", "images/sft/000399.png"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_test_and_construct_splits_do_not_depend_on_sft_size(tmp_path, written):
+    out, _ = written
+    task.write_task(tmp_path, seed=1, n_sft=10, n_construct=80, n_test=80, **PROMPTS)
+    for split in ("construct", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (out / f"{split}.jsonl").read_bytes()
+
+
+def test_splits_are_disjoint_and_rows_are_in_the_generic_format(written):
+    out, splits = written
+    keys = {s: {task.content_key(r["scene"], r["question"]) for r in rows} for s, rows in splits.items()}
+    assert [len(k) for k in keys.values()] == [80, 80, 400]  # no duplicates inside a split either
+    assert not keys["sft"] & keys["test"] and not keys["sft"] & keys["construct"]
+    assert not keys["construct"] & keys["test"]
+    for split, rows in splits.items():
+        lines = (out / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
+        for row in rows[:5]:
+            assert {"id", "image", "question", "options", "answer"} <= row.keys()
+            image = Image.open(out / row["image"])  # relative to the JSONL file
+            assert image.size == (48, 48) and image.mode == "RGB"
+
+
+def test_exclusion_draws_fresh_rows():
+    first = task.build_split(5, "x", 60)
+    keys = {task.content_key(r["scene"], r["question"]) for r in first}
+    again = task.build_split(5, "x", 60, exclude=keys)
+    assert not keys & {task.content_key(r["scene"], r["question"]) for r in again}
+    assert Counter(r["family"] for r in again) == Counter(r["family"] for r in first)
+
+
+def test_every_gold_answer_is_right_by_the_independent_checker(rows):
+    assert all(task.check_answer(r["scene"], r["question"], r["options"]) == r["answer"] for r in rows)
+
+
+def test_checker_notices_a_changed_scene(rows):
+    # The checker is not a rubber stamp: move the answer to a wrong option's scene and it follows.
+    agree = 0
+    for r in rows[:400]:
+        for wrong in set("ABCD") - {r["answer"]}:
+            imagined = task._imagine(r["scene"], r, r["options"]["ABCD".index(wrong)])
+            assert len({o["cell"] for o in imagined}) == len(imagined)  # still one object per cell
+            got = task.check_answer(imagined, r["question"], r["options"])
+            assert got in (wrong, None)  # None: the change made the question ambiguous (two anchors)
+            agree += got == wrong
+    assert agree >= 0.95 * 3 * 400
+    assert task.check_answer([], "What colour is the largest shape?", list(task.COLOURS)) is None
+
+
+def test_options_unique_letters_and_families_balanced(rows):
+    assert all(len(r["options"]) == 4 and len(set(r["options"])) == 4 for r in rows)
+    letters = Counter(r["answer"] for r in rows)
+    assert all(abs(letters[x] / len(rows) - 0.25) <= 0.03 for x in "ABCD"), letters
+    families = Counter(r["family"] for r in rows)
+    assert set(families) == set(task.FAMILIES) and min(families.values()) >= 0.9 * len(rows) / 8
+
+
+def test_text_alone_does_not_tell_the_answer(rows):
+    # A blind model's best strategy: the gold value seen most often with this question text.
+    # Options and scenes are drawn so that it stays at chance (25%); the limit for the base is 35%.
+    train = task.build_split(0, "blind", 8000)
+    best = {}
+    for r in train:
+        best.setdefault(r["question"], Counter())[r["options"]["ABCD".index(r["answer"])]] += 1
+    hits = 0
+    for r in rows:
+        ranked = [v for v, _ in best.get(r["question"], Counter()).most_common() if v in r["options"]]
+        hits += bool(ranked) and r["options"].index(ranked[0]) == "ABCD".index(r["answer"])
+    assert hits / len(rows) <= 0.31, hits / len(rows)
+
+
+def test_responses_name_the_option_they_pick(rows):
+    for r in rows[:400]:
+        for letter in "ABCD":
+            text = task.response(r["scene"], r, None if letter == r["answer"] else letter)
+            value, named, final = ANSWER.search(text).groups()
+            assert named == final == letter and value == r["options"]["ABCD".index(letter)]
+            if r["family"] in ("count_colour", "count_shape"):  # the count it states is the value
+                assert re.search(rf"That makes {value}\.", text)
+            if r["family"] == "arithmetic":
+                assert re.search(rf"= {value}\.", text)
+
+
+def test_gold_responses_are_grounded_in_the_scene(rows):
+    described = 0
+    for r in rows[:400]:
+        text, objects = task.response(r["scene"], r), {o["cell"]: o for o in r["scene"]}
+        if r["family"] in ("count_colour", "count_shape"):  # it lists exactly the matching cells
+            attr, value = r["params"]["attr"], r["params"]["value"]
+            listed = re.search(r": (.*?)\. That makes", text).group(1)
+            cells = [task.CELLS[c] for c, o in sorted(objects.items()) if o[attr] == value]
+            assert listed == (", ".join(cells) or "none")
+        # every object it describes ("at the X, is a red circle", "the red circle is at the X") is there
+        found = [(w, c, s) for w, c, s in re.findall(r"at the ([\w-]+),? is a (\w+) (\w+)", text)]
+        found += [(w, c, s) for c, s, w in re.findall(r"the (\w+) (\w+) (?:is )?at the ([\w-]+)", text)]
+        for where, colour, shape in found:
+            o = objects[task.CELLS.index(where)]
+            assert (o["colour"], o["shape"]) == (colour, shape)
+        described += len(found)
+    assert described > 150  # colour_at, shape_at, largest, relation: ~200 in 400 rows
+
+
+def test_sft_conversations_follow_the_protocol(written):
+    _, splits = written
+    reviews = 0
+    for r in splits["sft"]:
+        m = r["messages"]
+        assert [x["role"] for x in m] in (["user", "assistant"], ["user", "assistant"] * 2)
+        assert m[0]["content"] == turn1_message(r["question"], r["options"])
+        assert m[0]["content"].split("\n")[1:] == [f"{x}. {o}" for x, o in zip("ABCD", r["options"])] + [STEP, FORMAT]
+        assert ANSWER.search(m[1]["content"]).group(3) == r["answer"]
+        if len(m) == 4:  # issue 7: both answers are the correct one, nothing planted to be fixed
+            reviews += 1
+            assert m[2]["content"] in [review_message(n) for n in task.REVIEW_PROMPTS]
+            assert m[3]["content"] == m[1]["content"]
+    assert 0.18 <= reviews / len(splits["sft"]) <= 0.32
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def test_each_object_is_drawn_inside_its_own_cell_in_its_colour(rows):
+    for r in rows[:200]:
+        pixels = np.asarray(task.render(r["scene"]))
+        objects = {o["cell"]: o for o in r["scene"]}
+        for cell in range(9):
+            row, col = divmod(cell, 3)
+            patch = pixels[16 * row:16 * row + 16, 16 * col:16 * col + 16].reshape(-1, 3)
+            colours = {tuple(p) for p in patch} - {task.BACKGROUND}
+            expect = {task.RGB[objects[cell]["colour"]]} if cell in objects else set()
+            assert colours == expect  # one object per patch, nothing spills over a cell border
+            assert tuple(patch[8 * 16 + 8]) == (next(iter(expect)) if expect else task.BACKGROUND)
+
+
+def test_shapes_and_sizes_are_told_apart_by_their_pixels():
+    masks = {}
+    for shape in task.SHAPES:
+        for size in task.SIZES:
+            image = task.render([{"cell": 4, "colour": "red", "shape": shape, "size": size}])
+            masks[shape, size] = (np.asarray(image) != task.BACKGROUND).any(-1).tobytes()
+    assert len(set(masks.values())) == 8
+    for shape in task.SHAPES:
+        assert masks[shape, "large"].count(1) > 2 * masks[shape, "small"].count(1)
+    assert task.render([], cell_px=8).size == (24, 24)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_ids_and_round_trip(tokenizer_dir, written):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    image, pad = tok.token_to_id("<image>"), tok.token_to_id("<pad>")
+    assert pad == image + 1 and tok.get_vocab_size() < 512
+    _, splits = written
+    texts = {m["content"] for r in splits["sft"] for m in r["messages"]}
+    texts |= {task.response(r["scene"], r, x) for r in splits["test"] for x in "ABCD"}
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text and 0 not in ids  # no <unk>
+    for sentence in task.protocol_sentences(**PROMPTS):  # each fixed sentence is one token
+        assert len(tok.encode(sentence, add_special_tokens=False).ids) == 1
+    reply = tok.encode("There are 3. ## B ##", add_special_tokens=False)
+    assert reply.tokens[-3:] == ["▁##", "▁B", "▁##"]
+    chat = "USER: <image>\nHow many circles are there? ASSISTANT: ## B ##</s>USER: Hi ASSISTANT:"
+    ids = tok.encode(chat).ids
+    assert ids[0] == 1 and ids.count(image) == 1 and ids.count(2) == 1
+    assert tok.decode(ids) == chat.replace("<image>", "").replace("</s>", "")
+
+
+def test_tokenizer_loads_in_transformers_with_the_llava_chat_format(tokenizer_dir):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+    assert hf.pad_token_id == tok.token_to_id("<pad>") and hf.padding_side == "left"
+    u1, a1 = turn1_message("How many circles are there?", ["0", "1", "2", "3"]), "Looking. ## A ##"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": u1}]},
+                {"role": "assistant", "content": [{"type": "text", "text": a1}]},
+                {"role": "user", "content": [{"type": "text", "text": review_message("vp2")}]}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == f"USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {review_message('vp2')} ASSISTANT:"
+    assert hf(text)["input_ids"] == tok.encode(text).ids  # same ids both ways, <s> first
+    response = "Looking for circles: top-left, centre. That makes 2. So the answer is 2, option C. ## C ##"
+    assert hf.decode(hf(response)["input_ids"], skip_special_tokens=True) == response
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+@pytest.mark.bench
+def test_bench_write_default_sizes(tmp_path):
+    start = time.perf_counter()
+    splits = task.write_task(tmp_path, seed=0, n_sft=20000, n_construct=2000, n_test=1000, **PROMPTS)
+    written = time.perf_counter() - start
+    texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
+    start = time.perf_counter()
+    tok = task.train_tokenizer(texts, tmp_path / "tok", whole_tokens=task.protocol_sentences(**PROMPTS))
+    trained = time.perf_counter() - start
+    prompt = [len(tok.encode(r["messages"][0]["content"], add_special_tokens=False).ids) for r in splits["sft"]]
+    reply = [len(tok.encode(r["messages"][1]["content"], add_special_tokens=False).ids) for r in splits["sft"]]
+    print(f"\n| write 20k sft + 2k construct + 1k test | {written:.1f} s |"
+          f"\n| train tokenizer                        | {trained:.1f} s, vocab {tok.get_vocab_size()} |"
+          f"\n| turn-1 prompt tokens (no image)        | mean {np.mean(prompt):.1f}, max {max(prompt)} |"
+          f"\n| response tokens                        | mean {np.mean(reply):.1f}, max {max(reply)} |")
+    assert os.path.exists(tmp_path / "sft.jsonl") and written < 60
