@@ -41,6 +41,8 @@ class TrainConfig:
     sft_batch_size: int = 64  # conversations per SFT step
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
+    sft_captions: float = 0.0  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
+    sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)
     sft_compile: bool = True  # torch.compile the SFT step (fixed shapes; ~6x faster on CPU, research/feasibility)
     model_preset: str = "tiny"  # size of the base model, see scl/base.py BASE_PRESETS
     # --- self-correction rollouts on construct (stage all; generate.py's code) ---
@@ -436,8 +438,8 @@ def run_sft(cfg: TrainConfig) -> dict:
     """Task data + tokenizer + base model, trained from scratch; out_dir/{data,base}/."""
     from tqdm import tqdm
     from scl import task
-    from scl.base import (base_config, encode_conversations, init_weights, prepare_task, preprocess_images,
-                          sft_fingerprint, write_preprocessor_config)
+    from scl.base import (base_config, caption_conversation, encode_conversations, init_weights, prepare_task,
+                          preprocess_images, sft_fingerprint, write_preprocessor_config)
     from scl.data import load_rows
     from scl.image import ImageProcessor
     from scl.selfcorrect import rollout
@@ -457,8 +459,16 @@ def run_sft(cfg: TrainConfig) -> dict:
     tmp_dir = base_dir + ".tmp"  # the finished folder appears only when complete
     os.makedirs(tmp_dir, exist_ok=True)
 
-    # 1. Tokenizer trained on the task's own text; every protocol sentence is one token.
-    texts = [m["content"] for r in rows for m in r["messages"]] + [o for r in rows for o in r["options"]]
+    # 1. Conversations: every SFT question, plus dense captions of its scene; a tokenizer trained on
+    #    their text, in which every protocol sentence is one token.
+    conversations = [r["messages"] for r in rows]
+    images = [r["image"] for r in rows]
+    cap_rng = random.Random(cfg.seed)
+    for r in rows:
+        if cap_rng.random() < cfg.sft_captions:
+            conversations.append(caption_conversation(r["scene"]))
+            images.append(r["image"])
+    texts = [m["content"] for c in conversations for m in c] + [o for r in rows for o in r["options"]]
     task.train_tokenizer(texts, tmp_dir, whole_tokens=task.protocol_sentences())
     tok = Tokenizer.from_dir(tmp_dir)
 
@@ -469,13 +479,23 @@ def run_sft(cfg: TrainConfig) -> dict:
     model.to(device)
     write_preprocessor_config(tmp_dir, config.vision_config.image_size)
     proc = ImageProcessor.from_dir(tmp_dir)
-    input_ids, targets = encode_conversations(rows, tok, config.num_image_tokens)  # (N, T), (N, T)
-    pixel_values = preprocess_images([os.path.join(data_dir, r["image"]) for r in rows], proc)  # (N, 3, S, S)
+    blocks = encode_conversations(conversations, tok, config.num_image_tokens)  # [(rows, (N_k, T_k), (N_k, T_k))]
+    unique = sorted(set(images))
+    pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)  # (N_img, 3, S, S)
+    position = {p: i for i, p in enumerate(unique)}
+    image_of = torch.tensor([position[p] for p in images])  # conversation -> its row in pixel_values
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"sft: {len(rows)} conversations of {input_ids.shape[1]} tokens, model {n_params / 1e6:.2f}M parameters")
+    print(f"sft: {len(conversations)} conversations ({len(conversations) - len(rows)} captions) in blocks of "
+          f"{[b[1].shape[1] for b in blocks]} tokens, model {n_params / 1e6:.2f}M parameters")
 
     # 3. The loop: AdamW, warm-up + cosine, clipping; one compiled fixed-shape step.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    # Footgun: the decoder's RMSNorm makes the image features' scale free, and Adam's steps at a text-sized
+    # lr grow it ~250x in 50 steps; their gradients then shrink as 1/scale and the tower stops learning
+    # (measured: feature norm 0.6 -> 150, patch-embedding grad 3.4 -> 1e-4). A smaller lr there keeps it ~2.
+    vision = [p for n, p in model.named_parameters() if n.startswith(("vision_tower.", "multi_modal_projector."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("vision_tower.", "multi_modal_projector."))]
+    optimizer = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": vision, "scale": cfg.sft_vision_lr_scale}],
+                                  lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def loss_fn(ids, tgt, pix):
         with autocast(device) if device.type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16,
@@ -487,20 +507,21 @@ def run_sft(cfg: TrainConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     log = open(os.path.join(tmp_dir, "log.jsonl"), "w")
     bar = tqdm(range(cfg.sft_steps), desc="sft")
-    perm, pos = torch.randperm(len(rows), generator=gen), 0
+    sizes = torch.tensor([len(b[0]) for b in blocks], dtype=torch.float)
     for step in bar:
-        if pos + cfg.sft_batch_size > len(rows):
-            perm, pos = torch.randperm(len(rows), generator=gen), 0
-        idx = perm[pos:pos + cfg.sft_batch_size]
-        pos += cfg.sft_batch_size
+        # A batch comes from one length block (one compiled shape), blocks drawn by their size.
+        k = int(torch.multinomial(sizes, 1, generator=gen))
+        rows_k, ids_k, tgt_k = blocks[k]
+        idx = torch.randint(len(rows_k), (cfg.sft_batch_size,), generator=gen)
+        pix = pixel_values[image_of[rows_k[idx]]]
         if step < cfg.sft_warmup:
             lr = cfg.sft_lr * (step + 1) / cfg.sft_warmup
         else:
             progress = (step - cfg.sft_warmup) / max(1, cfg.sft_steps - cfg.sft_warmup)
             lr = cfg.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss = step_fn(input_ids[idx].to(device), targets[idx].to(device), pixel_values[idx].to(device))
+            g["lr"] = lr * g["scale"]
+        loss = step_fn(ids_k[idx].to(device), tgt_k[idx].to(device), pix.to(device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         optimizer.step()

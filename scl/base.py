@@ -50,22 +50,50 @@ def init_weights(model, std=0.02):
             torch.nn.init.ones_(p)
 
 
-def encode_conversations(rows, tok, num_image_tokens):
-    """SFT rows -> fixed-shape (N, T) input ids and targets (-100 where nothing is trained).
+CAPTION_PROMPT = "Describe the image cell by cell."
 
-    Fixed shapes let torch.compile build one graph (research/feasibility.md: 6x faster on CPU)."""
+
+def caption_conversation(scene) -> list:
+    """A dense caption of the grid: every cell, in reading order (LLaVA's stage-1 idea, small).
+
+    Rationales name one or two cells; a caption supervises all nine image tokens at once, at fixed
+    positions, so the tower and projector learn to be read in a few hundred steps instead of the model
+    guessing at chance for most of its budget (research/feasibility.md). Captions are training data
+    only: the MCQ prompts, the review turn and the test questions are untouched."""
+    from scl.task import CELLS
+
+    at = {o["cell"]: o for o in scene}
+    parts = [f"{name}: {at[c]['size']} {at[c]['colour']} {at[c]['shape']}" if c in at else f"{name}: empty"
+             for c, name in enumerate(CELLS)]
+    return [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": ". ".join(parts) + "."}]
+
+
+def encode_conversations(conversations, tok, num_image_tokens, buckets=2):
+    """Conversations -> a few fixed-shape (N_k, T_k) blocks of input ids and targets (-100 = not trained).
+
+    Fixed shapes let torch.compile build one graph per block (research/feasibility.md: ~6x faster on
+    CPU than eager); sorting by length into `buckets` blocks wastes less on padding than one block
+    padded to the longest conversation. Returns a list of (row indices, input_ids, targets)."""
     from scl.tokenizer import render_chat
 
-    encoded = [render_chat(tok, r["messages"], num_image_tokens) for r in rows]
-    T = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    for n, (ids, mask) in enumerate(encoded):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-        input_ids[n, :len(ids)] = ids_t
-        # position t predicts token t+1; train it where token t+1 is an assistant token
-        targets[n, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
-    return input_ids, targets
+    encoded = [render_chat(tok, m, num_image_tokens) for m in conversations]
+    order = sorted(range(len(encoded)), key=lambda n: len(encoded[n][0]))
+    blocks = []
+    for k in range(buckets):
+        idx = order[k * len(order) // buckets:(k + 1) * len(order) // buckets]
+        if not idx:
+            continue
+        T = max(len(encoded[n][0]) for n in idx)
+        input_ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
+        targets = torch.full((len(idx), T), -100, dtype=torch.long)
+        for row, n in enumerate(idx):
+            ids, mask = encoded[n]
+            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+            input_ids[row, :len(ids)] = ids_t
+            # position t predicts token t+1; train it where token t+1 is an assistant token
+            targets[row, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
+        blocks.append((torch.tensor(idx), input_ids, targets))
+    return blocks
 
 
 def preprocess_images(paths, proc, chunk=1024):
@@ -89,7 +117,7 @@ def write_preprocessor_config(path, image_size):
 
 def sft_fingerprint(cfg):
     keys = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup",
-            "model_preset")
+            "model_preset", "sft_captions", "sft_vision_lr_scale")
     return {k: getattr(cfg, k) for k in keys}
 
 

@@ -48,14 +48,17 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
     stages["selfcorrect"] = run_generate(gen)
     stages["selfcorrect"]["stage_seconds"] = time.time() - t
 
-    # 3. DPO from the base model on its own pairs.
+    # 3. DPO from the base model on its own pairs. No flips means no SelfCorSet: say so and evaluate the base.
     t = time.time()
     dpo_dir = os.path.join(out, "dpo")
     dpo_cfg = dataclasses.replace(cfg, stage="dpo", model=base, pairs=os.path.join(gen.out_dir, "selfcorset.jsonl"),
                                   out_dir=dpo_dir)
     dpo_print = {k: v for k, v in dataclasses.asdict(dpo_cfg).items() if k not in ("stage", "device", "threads")}
     dpo_print["base_fingerprint"] = stages["sft"].get("config")
-    if _same(os.path.join(dpo_dir, "stage.json"), dpo_print) and os.path.isdir(os.path.join(dpo_dir, "model")):
+    if stages["selfcorrect"]["pairs"] == 0:
+        print("dpo: SelfCorSet is empty (no wrong->right or right->wrong flips); no SCL model to train")
+        stages["dpo"] = {"pairs_train": 0}
+    elif _same(os.path.join(dpo_dir, "stage.json"), dpo_print) and os.path.isdir(os.path.join(dpo_dir, "model")):
         print(f"dpo: reusing {dpo_dir} (same config)")
         stages["dpo"] = json.load(open(os.path.join(dpo_dir, "metrics.json")))
     else:
@@ -65,7 +68,8 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
 
     # 4. Base vs SCL on test: single turn, every review prompt, the K-round curve, McNemar.
     t = time.time()
-    ev = EvalConfig(model=base, compare=os.path.join(dpo_dir, "model"), data=os.path.join(out, "data", "test.jsonl"),
+    tuned = os.path.join(dpo_dir, "model") if stages["dpo"]["pairs_train"] else None
+    ev = EvalConfig(model=base, compare=tuned, data=os.path.join(out, "data", "test.jsonl"),
                     out_dir=os.path.join(out, "eval"), prompts=cfg.eval_prompts, rounds=cfg.eval_rounds,
                     curve_prompt=cfg.prompt, batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                     device=cfg.device, seed=cfg.seed)
@@ -91,11 +95,13 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
 
 def summarize(stages: dict, seconds: float) -> dict:
     ev, sc, dpo = stages["eval"], stages["selfcorrect"], stages["dpo"]
+    c = ev.get("comparison")
+    base = ev["base"] if c else ev["model"]
     return {
-        "base": {"test_accuracy": ev["base"]["test_accuracy"], "sft_seconds": stages["sft"].get("seconds")},
-        "scl": {"test_accuracy": ev["scl"]["test_accuracy"]},
-        "difference": ev["comparison"]["difference"], "ci95": ev["comparison"]["ci95"],
-        "p_value": ev["comparison"]["p_value"],
+        "base": {"test_accuracy": base["test_accuracy"], "sft_seconds": stages["sft"].get("seconds")},
+        "scl": {"test_accuracy": ev["scl"]["test_accuracy"]} if c else None,
+        "difference": c["difference"] if c else None, "ci95": c["ci95"] if c else None,
+        "p_value": c["p_value"] if c else None,
         "selfcorset": {"rollouts": sc["rollouts"], "types": sc["types"], "pairs": sc["pairs"],
                        "turn1_accuracy": sc["accuracy"]["turn1"], "turn2_accuracy": sc["accuracy"].get("turn2")},
         "dpo": {k: v for k, v in dpo.items() if k.startswith(("first/", "last/", "pairs_", "steps"))},
@@ -106,24 +112,25 @@ def summarize(stages: dict, seconds: float) -> dict:
 
 def report(result: dict, stages: dict) -> str:
     ev = stages["eval"]
-    c = ev["comparison"]
-    b, s = result["base"]["test_accuracy"], result["scl"]["test_accuracy"]
+    c = ev.get("comparison")
+    base = ev["base"] if c else ev["model"]
     sc = result["selfcorset"]
-    lines = [
-        "# SCL on the built-in task", "",
-        "| model | single-turn test accuracy |", "|---|---|",
-        f"| base (SFT) | {100 * b:.1f}% |", f"| SCL (DPO on SelfCorSet) | {100 * s:.1f}% |", "",
-        f"Difference {100 * c['difference']:+.1f} points, 95% bootstrap CI [{100 * c['ci95'][0]:+.1f}, "
-        f"{100 * c['ci95'][1]:+.1f}], McNemar exact p = {c['p_value']:.3g} ({c['questions']} test questions; only "
-        f"base right {c['only_a_right']}, only SCL right {c['only_b_right']}).", "",
-        f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {100 * sc['turn1_accuracy']:.1f}% -> turn 2 "
-        f"{100 * (sc['turn2_accuracy'] or 0):.1f}%, types {sc['types']}, {sc['pairs']} pairs.", "",
-        "## What a review turn does to the base model (test, greedy)", "",
-        "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|",
-    ]
-    for p, v in ev["base"]["prompts"].items():
+    lines = ["# SCL on the built-in task", "", "| model | single-turn test accuracy |", "|---|---|",
+             f"| base (SFT) | {100 * result['base']['test_accuracy']:.1f}% |"]
+    if c:
+        lines += [f"| SCL (DPO on SelfCorSet) | {100 * result['scl']['test_accuracy']:.1f}% |", "",
+                  f"Difference {100 * c['difference']:+.1f} points, 95% bootstrap CI [{100 * c['ci95'][0]:+.1f}, "
+                  f"{100 * c['ci95'][1]:+.1f}], McNemar exact p = {c['p_value']:.3g} ({c['questions']} test questions; "
+                  f"only base right {c['only_a_right']}, only SCL right {c['only_b_right']})."]
+    else:
+        lines += ["", "No SCL model: the base model's rollouts gave no wrong→right or right→wrong flips."]
+    lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {100 * sc['turn1_accuracy']:.1f}% -> "
+                  f"turn 2 {100 * (sc['turn2_accuracy'] or 0):.1f}%, types {sc['types']}, {sc['pairs']} pairs.", "",
+              "## What a review turn does to the base model (test, greedy)", "",
+              "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|"]
+    for p, v in base["prompts"].items():
         t = v["transitions"]
         lines.append(f"| {p} | {100 * v['turn1_accuracy']:.1f}% | {100 * v['turn2_accuracy']:.1f}% | {t['2']} | {t['3']} |")
     lines += ["", f"Stage times (s): {result['stage_seconds']}; total {result['seconds']:.0f} s.", "",
-              "Details: eval/report.md, plots: eval/eval.png, dpo/dpo.png.", ""]
+              "Details: eval/report.md; plots: eval/eval.png, dpo/dpo.png.", ""]
     return "\n".join(lines)
