@@ -12,32 +12,7 @@ from PIL import Image
 
 from scl import task
 
-# The protocol's strings (research/paper.md §2.2-2.3), written out here so these tests do not depend
-# on scl/prompts.py; task.py takes the two functions as parameters.
-STEP = "Explain your reasoning step-by-step."
-FORMAT = ("Your final answer should be put between two ##, like ## A ## (if your final answer is A), "
-          "at the end of your response.")
-REVIEW = {
-    "cp": "Review your previous answer and find problems with your answer. Based on the problems you "
-          "found, improve your answer.",
-    "vp1": "Review your previous answer and ensure that all relevant aspects of the image have been "
-           "considered. Are there any elements or details that you missed? Based on your review, improve "
-           "your answer.",
-    "vp2": "Review your contextual understanding of the image. Have you correctly interpreted the overall "
-           "context and purpose of the scene? Based on your review, improve your answer.",
-    "vp3": "Review your answer and ensure that your understanding of the image is comprehensive and "
-           "detailed. Are there any aspects of the scene that you have omitted or misinterpreted? Based on "
-           "your review, improve your answer.",
-}
-
-
-def turn1_message(question, options):
-    return "\n".join([question] + [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)] + [STEP, FORMAT])
-
-
-def review_message(name):
-    return "\n".join([REVIEW[name], STEP, FORMAT])
-
+from scl.prompts import COT, FORMAT, review_message, turn1_message  # noqa: E402
 
 PROMPTS = dict(turn1_message=turn1_message, review_message=review_message)
 ANSWER = re.compile(r"So the answer is (.+), option ([A-D])\. ## ([A-D]) ##$")
@@ -186,7 +161,7 @@ def test_sft_conversations_follow_the_protocol(written):
         m = r["messages"]
         assert [x["role"] for x in m] in (["user", "assistant"], ["user", "assistant"] * 2)
         assert m[0]["content"] == turn1_message(r["question"], r["options"])
-        assert m[0]["content"].split("\n")[1:] == [f"{x}. {o}" for x, o in zip("ABCD", r["options"])] + [STEP, FORMAT]
+        assert m[0]["content"].split("\n")[1:] == [f"{x}. {o}" for x, o in zip("ABCD", r["options"])] + [COT, FORMAT]
         assert ANSWER.search(m[1]["content"]).group(3) == r["answer"]
         if len(m) == 4:  # issue 7: both answers are the correct one, nothing planted to be fixed
             reviews += 1
