@@ -39,8 +39,14 @@ def base_config(preset: str, tok, image_size=48, patch_size=16):
                         "pad_token_id": tok.pad_token_id, **p["text"]}})
 
 
-def init_weights(model, std=0.02):
-    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
+def init_weights(model, std=0.02, position_std=1.0):
+    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms; and a
+    strong patch-position embedding, N(0, 1).
+
+    Footgun: the decoder finds "the top-left cell" by matching text to image-token *content* (RoPE only
+    knows relative offsets), so each patch feature must say where it is. At std 0.02 the position is
+    drowned by the pixels and a caption-only probe stays at the blind loss (0.63 after 120 steps); at
+    std 1.0 it drops to 0.40 by step 160 (same data, lr, seed)."""
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "patch_embedding" not in name:
             torch.nn.init.normal_(p, std=std)
@@ -48,6 +54,7 @@ def init_weights(model, std=0.02):
             torch.nn.init.zeros_(p)
         elif "norm" in name or "layrnorm" in name:
             torch.nn.init.ones_(p)
+    torch.nn.init.normal_(model.vision_tower.embeddings.position_embedding.weight, std=position_std)
 
 
 CAPTION_PROMPT = "Describe the image cell by cell."

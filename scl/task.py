@@ -97,12 +97,12 @@ def _counts(rng, i):  # 4 consecutive counts, sorted; gold at index i
     return [str(low + k) for k in range(4)], low + i
 
 
-def _categories(rng, attr, i):  # all 4 values of `attr` in random order; gold at index i
-    gold = rng.choice(VALUES[attr])
-    options = [v for v in VALUES[attr] if v != gold]
-    rng.shuffle(options)
-    options.insert(i, gold)
-    return options, gold
+def _categories(rng, attr, i):  # all 4 values of `attr` in their fixed order; gold at index i
+    # Fixed order, like the sorted counts: the letter follows from the value, as it does for counts
+    # (a 400-step base matched letter to value 92% of the time on counts, 13-44% with shuffled colours
+    # and shapes). The gold index is uniform, so letters and values stay balanced: no text prior.
+    options = list(VALUES[attr])
+    return options, options[i]
 
 
 def _count(rng, i, attr):
