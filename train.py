@@ -42,6 +42,7 @@ class TrainConfig:
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
     sft_captions: float = 0.0  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
+    sft_describe_first: bool = False  # answers start with the scene caption, then reason (perception first)
     sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)
     sft_compile: bool = True  # torch.compile the SFT step (fixed shapes; ~6x faster on CPU, research/feasibility)
     model_preset: str = "tiny"  # size of the base model, see scl/base.py BASE_PRESETS
@@ -462,6 +463,9 @@ def run_sft(cfg: TrainConfig) -> dict:
     # 1. Conversations: every SFT question, plus dense captions of its scene; a tokenizer trained on
     #    their text, in which every protocol sentence is one token.
     conversations = [r["messages"] for r in rows]
+    if cfg.sft_describe_first:  # every answer reads the scene out first, then reasons from that text
+        conversations = [[dict(m, content=caption_conversation(r["scene"])[1]["content"] + " " + m["content"])
+                          if m["role"] == "assistant" else m for m in c] for r, c in zip(rows, conversations)]
     images = [r["image"] for r in rows]
     cap_rng = random.Random(cfg.seed)
     for r in rows:

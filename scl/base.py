@@ -124,7 +124,7 @@ def write_preprocessor_config(path, image_size):
 
 def sft_fingerprint(cfg):
     keys = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup",
-            "model_preset", "sft_captions", "sft_vision_lr_scale")
+            "model_preset", "sft_captions", "sft_vision_lr_scale", "sft_describe_first")
     return {k: getattr(cfg, k) for k in keys}
 
 
