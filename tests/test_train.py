@@ -144,3 +144,12 @@ def test_torchrun_two_ranks_equals_one_process(setup):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
     assert json.load(open(two / "metrics.json"))["ranks_in_sync"] is True
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))  # rank 1 wrote nothing extra
+
+
+def test_gradient_checkpointing_gives_the_same_losses(setup):
+    root, model, pairs = setup
+    plain = config(root, model, pairs, "ckpt_off", epochs=1.0, lora_dropout=0.0)
+    ckpt = config(root, model, pairs, "ckpt_on", epochs=1.0, lora_dropout=0.0, grad_checkpointing=True)
+    train.run_dpo(plain)
+    train.run_dpo(ckpt)
+    assert max(abs(a - b) for a, b in zip(losses(plain.out_dir), losses(ckpt.out_dir))) < 1e-6
