@@ -41,8 +41,8 @@ class TrainConfig:
     sft_batch_size: int = 64  # conversations per SFT step
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
-    sft_captions: float = 0.0  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
-    sft_describe_first: bool = False  # answers start with the scene caption, then reason (perception first)
+    sft_captions: float = 0.5  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
+    sft_describe_first: bool = True  # answers start with the scene caption, then reason (perception first)
     sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)
     sft_compile: bool = True  # torch.compile the SFT step (fixed shapes; ~6x faster on CPU, research/feasibility)
     model_preset: str = "tiny"  # size of the base model, see scl/base.py BASE_PRESETS
@@ -52,7 +52,7 @@ class TrainConfig:
     temperature: float = 1.0  # sampling temperature of the rollouts (0 = greedy)
     top_p: float = 1.0  # nucleus sampling
     gen_batch_size: int = 256  # sequences per generation batch
-    max_new_tokens: int = 64  # token budget per answer
+    max_new_tokens: int = 128  # token budget per answer (scene description + reasoning)
     # --- DPO (stage dpo; DESIGN §1.6, paper §4.2) ---
     model: str = ""  # starting model folder (policy init and reference)
     pairs: str = ""  # selfcorset.jsonl written by generate.py
