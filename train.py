@@ -438,7 +438,7 @@ def plot_log(rows, path, keys=("loss", "rewards/margins", "rewards/accuracies"))
 def run_sft(cfg: TrainConfig) -> dict:
     """Task data + tokenizer + base model, trained from scratch; out_dir/{data,base}/."""
     from tqdm import tqdm
-    from scl import task
+    from scl import vocab
     from scl.base import (base_config, caption_conversation, encode_conversations, init_weights, prepare_task,
                           preprocess_images, sft_fingerprint, write_preprocessor_config)
     from scl.data import load_rows
@@ -473,7 +473,7 @@ def run_sft(cfg: TrainConfig) -> dict:
             conversations.append(caption_conversation(r["scene"]))
             images.append(r["image"])
     texts = [m["content"] for c in conversations for m in c] + [o for r in rows for o in r["options"]]
-    task.train_tokenizer(texts, tmp_dir, whole_tokens=task.protocol_sentences())
+    vocab.train_tokenizer(texts, tmp_dir, whole_tokens=vocab.protocol_sentences())
     tok = Tokenizer.from_dir(tmp_dir)
 
     # 2. The model, the data as fixed-shape tensors, the images preprocessed once.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scl import task
+from scl import task, vocab
 
 from scl.prompts import COT, FORMAT, review_message, turn1_message  # noqa: E402
 
@@ -34,7 +34,7 @@ def tokenizer_dir(written, tmp_path_factory):
     out, splits = written
     texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
     path = tmp_path_factory.mktemp("tokenizer")
-    task.train_tokenizer(texts, path, whole_tokens=task.protocol_sentences(**PROMPTS))
+    vocab.train_tokenizer(texts, path, whole_tokens=vocab.protocol_sentences(**PROMPTS))
     return path
 
 
@@ -213,7 +213,7 @@ def test_tokenizer_ids_and_round_trip(tokenizer_dir, written):
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids) == text and 0 not in ids  # no <unk>
-    for sentence in task.protocol_sentences(**PROMPTS):  # each fixed sentence is one token
+    for sentence in vocab.protocol_sentences(**PROMPTS):  # each fixed sentence is one token
         assert len(tok.encode(sentence, add_special_tokens=False).ids) == 1
     reply = tok.encode("There are 3. ## B ##", add_special_tokens=False)
     assert reply.tokens[-3:] == ["▁##", "▁B", "▁##"]
@@ -251,7 +251,7 @@ def test_bench_write_default_sizes(tmp_path):
     written = time.perf_counter() - start
     texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
     start = time.perf_counter()
-    tok = task.train_tokenizer(texts, tmp_path / "tok", whole_tokens=task.protocol_sentences(**PROMPTS))
+    tok = vocab.train_tokenizer(texts, tmp_path / "tok", whole_tokens=vocab.protocol_sentences(**PROMPTS))
     trained = time.perf_counter() - start
     prompt = [len(tok.encode(r["messages"][0]["content"], add_special_tokens=False).ids) for r in splits["sft"]]
     reply = [len(tok.encode(r["messages"][1]["content"], add_special_tokens=False).ids) for r in splits["sft"]]

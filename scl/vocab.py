@@ -1,0 +1,77 @@
+"""The built-in task's tokenizer: a small BPE trained on the task's own text (DESIGN §5).
+
+Written in the same files a real checkpoint has (tokenizer.json + tokenizer_config.json with the
+llava-1.5 chat template), so scl/tokenizer.py and transformers both read it.
+"""
+import json
+import os
+import re
+
+from scl.task import REVIEW_PROMPTS
+
+# ---------------------------------------------------------------------------- tokenizer
+# A small BPE over the task's own text. Pre-tokenizer: newlines and . , ? stand alone (so the value
+# in "is 3, option B." is the same token as in the option line "B. 3"), then Metaspace splits on
+# spaces and marks them with "▁", and its decoder puts them back: decode(encode(text)) == text.
+
+# llava-1.5's chat template (research/vlm-format.md §2.8) without {% generation %} tags, with
+# LLaVA's "</s>" after each assistant turn: "USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:".
+# Content may be a string or a list of {"type": "image"|"text"} items; system messages are dropped.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ texts | join(' ') + eos_token }}{% else %}{{ texts | join(' ') + ' ' }}{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def protocol_sentences(turn1_message=None, review_message=None):
+    """The lines of the protocol prompts that never change (instructions, review prompts)."""
+    if turn1_message is None or review_message is None:
+        from scl import prompts
+        turn1_message, review_message = prompts.turn1_message, prompts.review_message
+    question, options = "Q?", ["o1", "o2", "o3", "o4"]
+    lines = [x for x in turn1_message(question, options).split("\n")
+             if x != question and not re.fullmatch(r"[A-D]\. o\d", x)]
+    lines += [x for name in REVIEW_PROMPTS for x in review_message(name).split("\n")]
+    return list(dict.fromkeys(x for x in lines if x.strip()))
+
+
+def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_length=1024):
+    """Train a BPE on `texts`; write out_dir/tokenizer.json and tokenizer_config.json; return the
+    tokenizers.Tokenizer. Ids: <unk> 0, <s> 1, </s> 2, the learned pieces, <image>, <pad>, then each
+    of `whole_tokens` (e.g. `protocol_sentences()`) as one token. Every printable ASCII character is
+    in the alphabet, so any ASCII text round-trips."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[\n.,?]"), "isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    alphabet = [chr(c) for c in range(33, 127)] + ["▁", "\n"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    pieces = []
+    for text in texts:  # the whole tokens are matched before BPE: spend no merges on them
+        for whole in whole_tokens:
+            text = text.replace(whole, "\n")
+        pieces += [text, "\n" + text]  # also as after "<image>\n": a first word without "▁"
+    roles = ["USER: ASSISTANT:\nUSER:"] * 100  # the chat format's words, first in a text and after </s>
+    tok.train_from_iterator(pieces + roles, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in whole_tokens])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left", "add_bos_token": True,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return tok
