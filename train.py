@@ -35,20 +35,22 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0 = leave torch's default)
     # --- built-in task and its base model (stage sft; DESIGN §5) ---
     n_sft: int = 20000  # SFT questions
-    n_construct: int = 2000  # questions SelfCorSet is built from (two-turn rollouts)
+    n_construct: int = 1000  # questions SelfCorSet is built from (two-turn rollouts)
     n_test: int = 1000  # held-out questions, never used to build pairs or choose settings
-    sft_steps: int = 1200  # optimizer steps of the base model's SFT
+    sft_steps: int = 400  # optimizer steps of the base model's SFT
     sft_batch_size: int = 64  # conversations per SFT step
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
     sft_captions: float = 0.5  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
     sft_describe_first: bool = True  # answers start with the scene caption, then reason (perception first)
+    sft_review_misread: float = 0.0  # SFT review turns whose first answer (context) is a reasoning slip (scl/task.py)
+    sft_blank_images: bool = False  # text-only baseline: every image blank, in SFT and on test (issue 4)
     sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)
     sft_compile: bool = True  # torch.compile the SFT step (fixed shapes; ~6x faster on CPU, research/feasibility)
     model_preset: str = "tiny"  # size of the base model, see scl/base.py BASE_PRESETS
     # --- self-correction rollouts on construct (stage all; generate.py's code) ---
     prompt: str = "vp2"  # review prompt that builds SelfCorSet: cp | vp1 | vp2 | vp3
-    samples: int = 4  # rollouts per construct question (1 = the paper)
+    samples: int = 2  # rollouts per construct question (1 = the paper)
     temperature: float = 1.0  # sampling temperature of the rollouts (0 = greedy)
     top_p: float = 1.0  # nucleus sampling
     gen_batch_size: int = 256  # sequences per generation batch
@@ -82,6 +84,9 @@ class TrainConfig:
     # --- evaluation (stage all) ---
     eval_prompts: list[str] = field(default_factory=lambda: ["cp", "vp1", "vp2", "vp3"])  # review prompts compared
     eval_rounds: int = 3  # K of the K-round curve
+    eval_scl_prompts: bool = False  # also run the review prompts and curve for the SCL model (time; base always does)
+    scl_lr: float = 1e-3  # DPO lr of the built-in experiment: a 3.8M model from scratch, not the paper's 7B LoRA
+    scl_beta: float = 1.0  # DPO beta of the built-in experiment (beta 0.1 lost 5 points on held-out val)
 
 
 def pick_device(name: str) -> torch.device:
@@ -439,7 +444,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     """Task data + tokenizer + base model, trained from scratch; out_dir/{data,base}/."""
     from tqdm import tqdm
     from scl import vocab
-    from scl.base import (base_config, caption_conversation, encode_conversations, init_weights, prepare_task,
+    from scl.base import (base_config, blank_image, caption_conversation, encode_conversations, init_weights, prepare_task,
                           preprocess_images, sft_fingerprint, write_preprocessor_config)
     from scl.data import load_rows
     from scl.image import ImageProcessor
@@ -462,10 +467,7 @@ def run_sft(cfg: TrainConfig) -> dict:
 
     # 1. Conversations: every SFT question, plus dense captions of its scene; a tokenizer trained on
     #    their text, in which every protocol sentence is one token.
-    conversations = [r["messages"] for r in rows]
-    if cfg.sft_describe_first:  # every answer reads the scene out first, then reasons from that text
-        conversations = [[dict(m, content=caption_conversation(r["scene"])[1]["content"] + " " + m["content"])
-                          if m["role"] == "assistant" else m for m in c] for r, c in zip(rows, conversations)]
+    conversations = [r["messages"] for r in rows]  # answers as scl/task.py conversation() writes them
     images = [r["image"] for r in rows]
     cap_rng = random.Random(cfg.seed)
     for r in rows:
@@ -486,6 +488,8 @@ def run_sft(cfg: TrainConfig) -> dict:
     blocks = encode_conversations(conversations, tok, config.num_image_tokens)  # [(rows, (N_k, T_k), (N_k, T_k))]
     unique = sorted(set(images))
     pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)  # (N_img, 3, S, S)
+    if cfg.sft_blank_images:  # the baseline that shows the questions need the image: nothing to see
+        pixel_values = proc([blank_image(config)]).expand_as(pixel_values)
     position = {p: i for i, p in enumerate(unique)}
     image_of = torch.tensor([position[p] for p in images])  # conversation -> its row in pixel_values
     n_params = sum(p.numel() for p in model.parameters())
@@ -539,6 +543,8 @@ def run_sft(cfg: TrainConfig) -> dict:
     model.eval()
     save_vlm(model, tmp_dir)
     test_rows, _ = load_rows(os.path.join(data_dir, "test.jsonl"))
+    if cfg.sft_blank_images:
+        test_rows = [dataclasses.replace(r, image=blank_image(config)) for r in test_rows]
     records = rollout(model, tok, proc, test_rows, prompt="sp", rounds=1, max_new_tokens=cfg.max_new_tokens,
                       batch_size=cfg.gen_batch_size)
     acc = sum(r["turns"][0]["correct"] for r in records) / max(len(records), 1)

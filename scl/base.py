@@ -67,12 +67,9 @@ def caption_conversation(scene) -> list:
     positions, so the tower and projector learn to be read in a few hundred steps instead of the model
     guessing at chance for most of its budget (research/feasibility.md). Captions are training data
     only: the MCQ prompts, the review turn and the test questions are untouched."""
-    from scl.task import CELLS
+    from scl.task import caption
 
-    at = {o["cell"]: o for o in scene}
-    parts = [f"{name}: {at[c]['size']} {at[c]['colour']} {at[c]['shape']}" if c in at else f"{name}: empty"
-             for c, name in enumerate(CELLS)]
-    return [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": ". ".join(parts) + "."}]
+    return [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": caption(scene)}]
 
 
 def encode_conversations(conversations, tok, num_image_tokens, buckets=2):
@@ -83,7 +80,8 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=2):
     padded to the longest conversation. Returns a list of (row indices, input_ids, targets)."""
     from scl.tokenizer import render_chat
 
-    encoded = [render_chat(tok, m, num_image_tokens) for m in conversations]
+    encoded = [render_chat(tok, c, num_image_tokens, train_turns=[k for k, m in enumerate(
+        m for m in c if m["role"] == "assistant") if m.get("train", True)]) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda n: len(encoded[n][0]))
     blocks = []
     for k in range(buckets):
@@ -101,6 +99,15 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=2):
             targets[row, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
         blocks.append((torch.tensor(idx), input_ids, targets))
     return blocks
+
+
+def blank_image(config):
+    """An empty scene (background only): the text-only baseline's image."""
+    from PIL import Image
+    from scl.task import BACKGROUND
+
+    side = config.vision_config.image_size
+    return Image.new("RGB", (side, side), BACKGROUND)
 
 
 def preprocess_images(paths, proc, chunk=1024):
@@ -124,7 +131,8 @@ def write_preprocessor_config(path, image_size):
 
 def sft_fingerprint(cfg):
     keys = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup",
-            "model_preset", "sft_captions", "sft_vision_lr_scale", "sft_describe_first")
+            "model_preset", "sft_captions", "sft_vision_lr_scale", "sft_describe_first", "sft_review_misread",
+            "sft_blank_images")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -133,9 +141,11 @@ def prepare_task(cfg, data_dir):
     from scl import task
 
     manifest = os.path.join(data_dir, "task.json")
-    want = {"seed": cfg.seed, "n_sft": cfg.n_sft, "n_construct": cfg.n_construct, "n_test": cfg.n_test}
+    want = {"seed": cfg.seed, "n_sft": cfg.n_sft, "n_construct": cfg.n_construct, "n_test": cfg.n_test,
+            "describe": cfg.sft_describe_first, "misread": cfg.sft_review_misread}
     if os.path.exists(manifest) and json.load(open(manifest)) == want:
         return [json.loads(line) for line in open(os.path.join(data_dir, "sft.jsonl"))]
-    splits = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct, n_test=cfg.n_test)
+    splits = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct, n_test=cfg.n_test,
+                             describe=cfg.sft_describe_first, misread=cfg.sft_review_misread)
     write_json_atomic(manifest, want)
     return splits["sft"]

@@ -5,9 +5,9 @@ Read top to bottom: the statistics as pure functions (`accuracy`, `transitions`,
 `bootstrap_diff`), then `evaluate_model` (rollouts through selfcorrect.rollout, the same code and the
 same `extract_answer` as SelfCorSet construction), `compare`, and the report writers.
 
-Greedy decoding makes turn 1 the same under every review prompt, so single-turn accuracy is read from
-the turn 1 of the first rollout and the 4-type table of each prompt compares that prompt's turn 2
-with the same turn 1 (the paper's SP column vs CP/VP-1/2/3 columns).
+Greedy decoding makes turn 1 the same under every review prompt, so it is generated once (prompt `sp`,
+the single-turn accuracy) and every review prompt continues that same turn 1: the 4-type table of each
+prompt compares its turn 2 with it (the paper's SP column vs CP/VP-1/2/3 columns).
 """
 import dataclasses
 import json
@@ -32,6 +32,7 @@ class EvalConfig:
     out_dir: str  # gets metrics.json, report.md, PNG plots, responses_*.jsonl, skipped.jsonl
     compare: str | None = None  # a second model folder, evaluated on the same rows (base vs SCL)
     prompts: list[str] = dataclasses.field(default_factory=lambda: ["cp", "vp1", "vp2", "vp3"])  # review prompts
+    compare_prompts: bool = True  # also run the review prompts and the curve for --compare (False: turn 1 only)
     rounds: int = 3  # K of the K-round curve (run with `curve_prompt`)
     curve_prompt: str = "vp2"  # review prompt repeated for the K-round curve
     limit: int | None = None  # only the first N usable rows
@@ -98,25 +99,30 @@ def compare(records_a, records_b, seed=0) -> dict:
 
 # ---------------------------------------------------------------------------- one model
 
-def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str) -> tuple[dict, dict]:
+def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str,
+                   prompts=None) -> tuple[dict, dict]:
     """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
-    runs = {}
-    prompts = list(dict.fromkeys(cfg.prompts + [cfg.curve_prompt]))
-    for p in prompts:
+    prompts = cfg.prompts if prompts is None else prompts
+    runs = {"sp": rollout(model, tok, processor, rows, prompt="sp", rounds=1, samples=1, temperature=0.0,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)}
+    turn1 = [r["turns"][0]["text"] for r in runs["sp"]]  # greedy: every review prompt continues this turn 1
+    curve = [cfg.curve_prompt] if prompts else []  # no review prompts: turn 1 only
+    for p in dict.fromkeys(prompts + curve):
         rounds = max(cfg.rounds, 2) if p == cfg.curve_prompt else 2
         runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, samples=1, temperature=0.0,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, first=turn1)
+    for p, recs in runs.items():
         with open(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in runs[p])
-    first = runs[prompts[0]]
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    first = runs["sp"]
     n = len(first)
     metrics = {"questions": n, "test_accuracy": accuracy(first),
                "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1), "prompts": {}}
-    for p in cfg.prompts:
+    for p in prompts:
         recs = runs[p]
         metrics["prompts"][p] = {"turn1_accuracy": accuracy(recs, 0), "turn2_accuracy": accuracy(recs, 1),
                                  "transitions": transitions(recs)}
-    curve = runs[cfg.curve_prompt]
+    curve = runs[cfg.curve_prompt if prompts else "sp"]
     metrics["rounds"] = {"prompt": cfg.curve_prompt,
                          "accuracy": [accuracy(curve, k) for k in range(len(curve[0]["turns"]) if curve else 0)]}
     return metrics, runs
@@ -142,6 +148,8 @@ def plot_rounds(metrics_by_model: dict, path: str) -> None:
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         m = metrics_by_model[name]["prompts"]
+        if not m:  # a compared model evaluated on turn 1 and the curve only
+            continue
         xs = [i + j * width for i in range(len(prompts))]
         ax2.bar(xs, [m[p]["transitions"]["2"] for p in prompts], width, label=f"{name}: wrong→right")
         ax2.bar(xs, [-m[p]["transitions"]["3"] for p in prompts], width, label=f"{name}: right→wrong")
@@ -208,11 +216,11 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     metrics, runs = {}, {}
     for label, path in zip(labels, models):
         model, tok, proc = load_model(path, device)
-        metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label)
+        prompts = cfg.prompts if path == cfg.model or cfg.compare_prompts else []
+        metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label, prompts)
         print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
               f"on {len(rows)} questions", flush=True)
-    first = cfg.prompts[0] if cfg.prompts else cfg.curve_prompt
-    comparison = compare(runs[labels[0]][first], runs[labels[1]][first], seed=cfg.seed) if cfg.compare else None
+    comparison = compare(runs[labels[0]]["sp"], runs[labels[1]]["sp"], seed=cfg.seed) if cfg.compare else None
     out = {**metrics, "skipped": len(skipped), "seconds": time.time() - t0}
     if comparison:
         out.update(comparison=comparison, p_value=comparison["p_value"])

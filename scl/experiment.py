@@ -52,7 +52,7 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
     t = time.time()
     dpo_dir = os.path.join(out, "dpo")
     dpo_cfg = dataclasses.replace(cfg, stage="dpo", model=base, pairs=os.path.join(gen.out_dir, "selfcorset.jsonl"),
-                                  out_dir=dpo_dir)
+                                  out_dir=dpo_dir, lr=cfg.scl_lr, beta=cfg.scl_beta)
     dpo_print = {k: v for k, v in dataclasses.asdict(dpo_cfg).items() if k not in ("stage", "device", "threads")}
     dpo_print["base_fingerprint"] = stages["sft"].get("config")
     if stages["selfcorrect"]["pairs"] == 0:
@@ -71,6 +71,7 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
     tuned = os.path.join(dpo_dir, "model") if stages["dpo"]["pairs_train"] else None
     ev = EvalConfig(model=base, compare=tuned, data=os.path.join(out, "data", "test.jsonl"),
                     out_dir=os.path.join(out, "eval"), prompts=cfg.eval_prompts, rounds=cfg.eval_rounds,
+                    compare_prompts=cfg.eval_scl_prompts,
                     curve_prompt=cfg.prompt, batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                     device=cfg.device, seed=cfg.seed)
     ev_print = {**dataclasses.asdict(ev), "dpo": dpo_print}

@@ -149,18 +149,19 @@ def turn1(row) -> str:
 
 @torch.no_grad()
 def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
-                  max_new_tokens=256, generator=None) -> tuple[list[dict], int]:
+                  max_new_tokens=256, generator=None, first=None) -> tuple[list[dict], int]:
     """One batch of K-turn rollouts: rows[i] is rolled out as sample number samples[i].
     Each turn re-renders the whole conversation and generates (KV cache inside generate); the
-    turn-1 answers stay in the context. Returns (records, generated tokens)."""
+    turn-1 answers stay in the context. `first`: turn-1 texts already generated (greedy evaluation
+    shares one turn 1 between review prompts). Returns (records, generated tokens)."""
     turns = 1 if prompt == "sp" else rounds
     review = review_message(prompt) if turns > 1 else None
     param = next(model.parameters())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
     prompts = [turn1(r) for r in rows]
-    answers, n_tokens = [[] for _ in rows], 0
-    for _ in range(turns):
+    answers, n_tokens = ([[t] for t in first] if first else [[] for _ in rows]), 0
+    for _ in range(turns - len(answers[0])):
         ids = [render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
                            add_generation_prompt=True)[0] for p, a in zip(prompts, answers)]
         input_ids, attention_mask = pad_left(ids, pad)  # (B, T), (B, T)
@@ -200,14 +201,16 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
 
 
 def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, temperature=0.0, top_p=1.0,
-            seed=0, max_new_tokens=256, batch_size=8) -> list[dict]:
-    """All rollouts of `rows` in memory, ordered by (row, sample); what run_generate writes to disk."""
+            seed=0, max_new_tokens=256, batch_size=8, first=None) -> list[dict]:
+    """All rollouts of `rows` in memory, ordered by (row, sample); what run_generate writes to disk.
+    `first`: one turn-1 text per row to continue from (samples = 1)."""
     out = {}
     device = next(model.parameters()).device
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size)):
         records, _ = rollout_batch(model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
                                    prompt=prompt, rounds=rounds, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, generator=batch_generator(seed, b, device))
+                                   max_new_tokens=max_new_tokens, generator=batch_generator(seed, b, device),
+                                   first=[first[i] for i, _ in batch] if first else None)
         out.update({(i, s): r for (i, s), r in zip(batch, records)})
     return [out[k] for k in sorted(out)]
 

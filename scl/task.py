@@ -24,10 +24,10 @@ after 7-13 minutes of CPU SFT, and its bottleneck was the option letter, not the
   is ~28 text tokens instead of ~59, a review message 5 instead of 57-74; SFT time is ∝ tokens.
 
 Issue 7, the review turn in SFT data: a share of SFT conversations carries turn 2 (turn-1 answer, a
-review prompt cp/vp1/vp2/vp3 drawn at random, a second answer), so the model knows the format. Both
-answers are the correct response; since a rationale is a function of the scene, re-deriving it gives
-the same text. No turn-1 answer is made wrong on purpose and "fixed": the SFT data must not teach
-turn 2 to fail or to succeed. Expect greedy turn 2 to mostly repeat turn 1; flips come from sampling.
+review prompt cp/vp1/vp2/vp3 drawn at random, a second answer), so the model knows the format. The
+trained second answer is always the correct response, the same target as a single-turn answer; the
+first answer is untrained context, sometimes a reasoning slip, so that the second is re-derived rather
+than copied (see `conversation`). Nothing teaches turn 2 to beat turn 1: what it does is measured.
 """
 import hashlib
 import json
@@ -257,14 +257,23 @@ def _imagine(scene, q, value):
     return sorted(scene, key=lambda o: o["cell"])
 
 
-def response(scene, q, letter=None):
+def caption(scene) -> str:
+    """Every cell of the grid in reading order: "top-left: small red circle. top-middle: empty. ..."."""
+    at = {o["cell"]: o for o in scene}
+    return ". ".join(f"{name}: {at[c]['size']} {at[c]['colour']} {at[c]['shape']}" if c in at else f"{name}: empty"
+                     for c, name in enumerate(CELLS)) + "."
+
+
+def response(scene, q, letter=None, describe=False):
     """A step-by-step answer to `q` that picks `letter` (default: the gold one) and ends `## X ##`.
 
-    A non-gold letter gets the steps of the scene it would take to make that option right."""
+    A non-gold letter gets the steps of the scene it would take to make that option right. With
+    `describe` the answer first reads the whole scene out (`caption`): perception, then reasoning."""
     letter = letter or q["answer"]
     value = q["options"][LETTERS.index(letter)]
     seen = scene if letter == q["answer"] else _imagine(scene, q, value)
-    return f"{_steps(seen, q)} So the answer is {value}, option {letter}. ## {letter} ##"
+    text = f"{_steps(seen, q)} So the answer is {value}, option {letter}. ## {letter} ##"
+    return f"{caption(seen)} {text}" if describe else text
 
 
 # ---------------------------------------------------------------------------- independent checker
@@ -346,24 +355,41 @@ def build_split(seed, split, n, exclude=()):
     return rows
 
 
-def conversation(row, rng, review_fraction=0.25, turn1_message=None, review_message=None):
+def conversation(row, rng, review_fraction=0.25, turn1_message=None, review_message=None, describe=False,
+                 misread=0.0):
     """An SFT conversation for `row`: turn 1, and with probability `review_fraction` a review turn
-    (DESIGN §1.2; prompt drawn from cp/vp1/vp2/vp3) answered again with the same correct response
-    (issue 7: no planted mistakes). Messages are {"role", "content"}; the image goes with message 0."""
+    (DESIGN §1.2; prompt drawn from cp/vp1/vp2/vp3). Messages are {"role", "content"} (+ "train": False
+    on an answer that is context only); the image goes with message 0.
+
+    The review turn (issue 7). Its target is the correct answer, exactly what a single-turn answer is
+    trained to be. The first answer before it is context, never trained: with probability `misread` a
+    reasoning slip (the scene read out right, then steps and a letter that fit another scene), else the
+    correct answer. Why: if the first answer were always correct, copying it would be the best way to
+    predict the second, and the model learns to repeat itself (measured: sampled rollouts flipped 1% of
+    the time, 8 pairs from 800). A slip makes copying right only when the first answer was, so the steps
+    are worked out again from the description. Only slips, not misread scenes: when the first answer's
+    description could be wrong too, the model learned to distrust its own descriptions and single-turn
+    accuracy fell (seed 1: 50.8% -> 39.2%). Whether the second answer beats the first is measured, not
+    built in: the model's own first answers are not these planted ones, and its second can slip too."""
     if turn1_message is None or review_message is None:
         from scl import prompts  # lazily: scl.prompts is written alongside this module
         turn1_message, review_message = prompts.turn1_message, prompts.review_message
-    answer = response(row["scene"], row)
+    answer = response(row["scene"], row, describe=describe)
     messages = [{"role": "user", "content": turn1_message(row["question"], row["options"])},
                 {"role": "assistant", "content": answer}]
     if rng.random() < review_fraction:
+        if rng.random() < misread:
+            wrong = rng.choice([x for x in LETTERS if x != row["answer"]])
+            slip = response(row["scene"], row, wrong)  # steps that fit another scene: a reasoning slip
+            messages[1] = {"role": "assistant", "content": f"{caption(row['scene'])} {slip}" if describe else slip,
+                           "train": False}
         messages += [{"role": "user", "content": review_message(rng.choice(REVIEW_PROMPTS))},
                      {"role": "assistant", "content": answer}]
     return messages
 
 
 def write_task(out_dir, seed=0, n_sft=20000, n_construct=2000, n_test=1000, cell_px=16,
-               review_fraction=0.25, turn1_message=None, review_message=None):
+               review_fraction=0.25, turn1_message=None, review_message=None, describe=False, misread=0.0):
     """Write out_dir/{sft,construct,test}.jsonl and out_dir/images/<split>/*.png; return the rows.
 
     Rows: {"id", "image", "question", "options", "answer"} (the generic format) plus "family",
@@ -379,7 +405,8 @@ def write_task(out_dir, seed=0, n_sft=20000, n_construct=2000, n_test=1000, cell
             for row in rows:
                 render(row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
                 if split == "sft":
-                    row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message)
+                    row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message,
+                                                      describe, misread)
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, os.path.join(out_dir, f"{split}.jsonl"))  # a complete file or none
         splits[split] = rows

@@ -48,3 +48,37 @@ def test_second_run_reuses_every_stage(run, capsys):
     out = capsys.readouterr().out
     assert "sft: reusing" in out and "dpo: reusing" in out and "eval: reusing" in out
     assert os.path.getmtime(run / "base" / "model.safetensors") == before
+
+
+def test_saved_base_loads_in_transformers(run):
+    """Issue 4, Show 4: the base model the pipeline trained is an ordinary checkpoint folder: transformers
+    loads its weights (no missing or unexpected keys), tokenizer and image processor, and gives our logits
+    on a real test question."""
+    import torch
+
+    import hf_fixtures as hx
+    from scl.data import load_rows
+    from scl.selfcorrect import conversation, load_model_dir, turn1
+    from scl.tokenizer import render_chat
+
+    transformers = hx._quiet_transformers()
+    base = str(run / "base")
+    ours, tok, proc = load_model_dir(base)
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+        base, attn_implementation="sdpa", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    rows, _ = load_rows(str(run / "data" / "test.jsonl"))
+    row = rows[0]
+    messages = conversation(turn1(row), [], None)
+    ids, _ = render_chat(tok, messages, ours.config.num_image_tokens, add_generation_prompt=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(base)
+    text = tok.backend.decode(ids, skip_special_tokens=False)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids  # same vocabulary and specials
+    pixel_values = proc([row.image])  # (1, 3, S, S)
+    hf_pixels = transformers.CLIPImageProcessorPil.from_pretrained(base)(row.image, return_tensors="pt")["pixel_values"]
+    assert (hf_pixels - pixel_values).abs().max() <= 1e-5
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        want = hf(input_ids=input_ids, pixel_values=pixel_values).logits
+        got = ours(input_ids, pixel_values=pixel_values)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -237,6 +237,19 @@ def test_real_generation_sampling_is_seeded_per_batch(loaded, rows):
     assert all(isinstance(t["correct"], bool) for r in a for t in r["turns"])
 
 
+def test_greedy_rollout_continuing_a_given_turn1_equals_the_whole_rollout(loaded, rows):
+    """eval.py generates turn 1 once and lets every review prompt continue it: same records."""
+    model, tok, proc = loaded
+    kw = dict(prompt="vp3", rounds=3, max_new_tokens=6, batch_size=3)
+    whole = sc.rollout(model, tok, proc, rows, **kw)
+    single = sc.rollout(model, tok, proc, rows, prompt="sp", rounds=1, max_new_tokens=6, batch_size=2)
+    continued = sc.rollout(model, tok, proc, rows, first=[r["turns"][0]["text"] for r in single], **kw)
+    assert continued == whole and len(whole[0]["turns"]) == 3
+    given = sc.rollout(model, tok, proc, rows, first=["I think ## B ##"] * len(rows), **kw)
+    assert [r["turns"][0] for r in given] == [{"text": "I think ## B ##", "answer": "B", "correct": r.answer == "B"}
+                                              for r in rows] and all(len(r["turns"]) == 3 for r in given)
+
+
 def test_config_rejects_bad_values():
     ok = dict(model="m", data="d", out_dir="o")
     for bad in (dict(prompt="vp9"), dict(rounds=0), dict(samples=2), dict(top_p=0.0), dict(dtype="int8")):

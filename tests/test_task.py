@@ -156,18 +156,42 @@ def test_gold_responses_are_grounded_in_the_scene(rows):
 
 def test_sft_conversations_follow_the_protocol(written):
     _, splits = written
-    reviews = 0
+    reviews, misread = 0, 0
     for r in splits["sft"]:
         m = r["messages"]
         assert [x["role"] for x in m] in (["user", "assistant"], ["user", "assistant"] * 2)
         assert m[0]["content"] == turn1_message(r["question"], r["options"])
         assert m[0]["content"].split("\n")[1:] == [f"{x}. {o}" for x, o in zip("ABCD", r["options"])] + [COT, FORMAT]
-        assert ANSWER.search(m[1]["content"]).group(3) == r["answer"]
-        if len(m) == 4:  # issue 7: both answers are the correct one, nothing planted to be fixed
-            reviews += 1
-            assert m[2]["content"] in [review_message(n) for n in task.REVIEW_PROMPTS]
-            assert m[3]["content"] == m[1]["content"]
+        if len(m) == 2:
+            assert ANSWER.search(m[1]["content"]).group(3) == r["answer"] and "train" not in m[1]
+            continue
+        # issue 7: the trained answer after a review is always the correct one, the single-turn target;
+        # the first answer is context: correct (and trained), or (with misread > 0) a slip never trained
+        reviews += 1
+        assert m[2]["content"] in [review_message(n) for n in task.REVIEW_PROMPTS]
+        assert m[3]["content"] == task.response(r["scene"], r) and "train" not in m[3]
+        if m[1].get("train", True):
+            assert m[1]["content"] == m[3]["content"]
+        else:
+            misread += 1
+            assert ANSWER.search(m[1]["content"]).group(3) != r["answer"]
     assert 0.18 <= reviews / len(splits["sft"]) <= 0.32
+    assert misread == 0  # the default: both answers correct
+
+
+def test_misread_first_answers_read_the_scene_right_and_then_slip():
+    import random
+    rng, seen = random.Random(0), 0
+    for r in task.build_split(3, "sft", 300):
+        m = task.conversation(r, rng, review_fraction=1.0, turn1_message=turn1_message,
+                              review_message=review_message, describe=True, misread=1.0)
+        first, second = m[1]["content"], m[3]["content"]
+        assert second == task.response(r["scene"], r, describe=True)
+        assert first.startswith(task.caption(r["scene"]) + " ")  # the slip reads the scene out right ...
+        assert ANSWER.search(first).group(3) != r["answer"]  # ... and then reasons to a wrong letter
+        assert m[1]["train"] is False and "train" not in m[3]  # the slip is context, never a target
+        seen += 1
+    assert seen == 300
 
 
 # ---------------------------------------------------------------------------- images
