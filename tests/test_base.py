@@ -1,0 +1,43 @@
+"""scl/base.py: the SFT data as fixed-shape blocks train exactly the answers they should."""
+import random
+
+import numpy as np
+import torch
+
+from scl import task, vocab
+from scl.base import blank_image, encode_conversations
+from scl.prompts import review_message, turn1_message
+from scl.tokenizer import Tokenizer
+
+
+def test_blocks_train_the_assistant_answers_except_an_untrained_slip(tmp_path):
+    rows = task.build_split(5, "sft", 40)
+    rng = random.Random(0)
+    convs = [task.conversation(r, rng, review_fraction=1.0, turn1_message=turn1_message,
+                               review_message=review_message, misread=0.5) for r in rows]
+    texts = [m["content"] for c in convs for m in c] + [o for r in rows for o in r["options"]]
+    vocab.train_tokenizer(texts, tmp_path, whole_tokens=vocab.protocol_sentences())
+    tok = Tokenizer.from_dir(tmp_path)
+    slips = 0
+    for idx, ids, targets in encode_conversations(convs, tok, num_image_tokens=9, buckets=2):
+        for row, n in enumerate(idx.tolist()):
+            trained = tok.decode([t for t in targets[row].tolist() if t != -100], skip_special_tokens=True)
+            answers = [m for m in convs[n] if m["role"] == "assistant"]
+            want = "".join(m["content"] for m in answers if m.get("train", True))
+            assert trained.replace(" ", "") == want.replace(" ", "")  # every trained answer, nothing else
+            slips += not answers[0].get("train", True)
+            # targets are the next input token wherever they are trained
+            keep = targets[row] != -100
+            assert torch.equal(targets[row][keep], ids[row][1:][keep[:-1]])
+    assert 10 <= slips <= 30  # about half of the 40 first answers are slips
+
+
+def test_blank_image_is_the_background_only():
+    class Vision:
+        image_size = 48
+
+    class Config:
+        vision_config = Vision
+
+    im = blank_image(Config)
+    assert im.size == (48, 48) and np.array(im).reshape(-1, 3).tolist() == [list(task.BACKGROUND)] * 48 * 48
