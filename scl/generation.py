@@ -1,8 +1,8 @@
 """Batched generation: greedy or temperature/top-p sampling with a KV cache, and its no-cache oracle.
 
-gpt-fast style: a few small free functions. `prefill` runs the whole prompt (image included) once and
-fills a preallocated `KVCache`; `decode_one` feeds one token per sequence; `sample` picks the next
-tokens; `generate` loops until every sequence has emitted EOS or the budget is spent. `generate_ref`
+gpt-fast style: a few small free functions. `prefill` runs the prompt (image included) a chunk at a
+time and fills a preallocated `KVCache`; `decode_one` feeds one token per sequence; `sample` picks the
+next tokens; `generate` loops until every sequence has emitted EOS or the budget is spent. `generate_ref`
 recomputes the whole sequence every step with no cache: slow, obviously correct, the test oracle.
 
 Prompts are left-padded (B, T) with an attention mask, so every sequence's next token is at column -1.
@@ -12,7 +12,7 @@ Once a sequence emits EOS its later positions are `pad_token_id`; they are still
 import torch
 import torch.nn.functional as F
 
-from scl.llm import KVCache
+from scl.llm import KVCache, attention_mask_4d
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -38,15 +38,31 @@ def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, model.lm_head_weight).float()
 
 
-def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache) -> torch.Tensor:
-    """Prompt (B, T) with images -> next-token logits (B, V); `cache` now holds the prompt."""
-    h, _ = model.forward_hidden(input_ids, pixel_values, attention_mask, past_key_values=cache, use_cache=True)
+PREFILL_CHUNK = 64  # prompt tokens per prefill step
+
+
+def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Prompt (B, T) with images -> next-token logits (B, V); `cache` now holds the prompt.
+
+    The prompt goes through `chunk` tokens at a time, each chunk a multi-token decode step against the
+    cache: the (B, chunk, ...) activations stay in the CPU's cache instead of being fresh memory, and a
+    chunk attends to the keys up to its end only, so the causal upper half is never computed. Only the
+    last position's hidden state is kept (`last_only`), so the last layer computes just keys and values.
+    """
+    x = model.embed(input_ids, pixel_values)  # (B, T, D): image features merged over the whole prompt
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as in TextModel.forward
+    text = model.language_model.model
+    for start in range(0, x.shape[1], chunk):
+        end = min(start + chunk, x.shape[1])
+        h, _ = text(x[:, start:end], attention_mask[:, :end], position_ids[:, start:end], cache, use_cache=True,
+                    last_only=True)
     return last_logits(model, h[:, -1])
 
 
-def decode_one(model, tokens, attention_mask, cache: KVCache) -> torch.Tensor:
-    """tokens (B, 1), attention_mask (B, T_past + 1) -> next-token logits (B, V); cache one longer."""
-    h, _ = model.forward_hidden(tokens, None, attention_mask, past_key_values=cache, use_cache=True)
+def decode_one(model, tokens, position_ids, mask, cache: KVCache) -> torch.Tensor:
+    """tokens (B, 1) at position_ids (B, 1); mask (B, 1, 1, T_past + 1) from `attention_mask_4d`, or None
+    (no pads) -> next-token logits (B, V); cache one longer."""
+    h, _ = model.forward_hidden(tokens, None, mask, position_ids, past_key_values=cache, use_cache=True)
     return last_logits(model, h[:, -1])
 
 
@@ -69,8 +85,9 @@ def _setup(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id
 def _next_token(logits, done, eos, pad, temperature, top_p, generator):
     """Sample, then overwrite rows already finished with pad. Updates `done` in place."""
     token = sample(logits, temperature, top_p, generator)  # (B,)
-    token = token.masked_fill(done, pad)
-    done |= torch.isin(token, eos)
+    if eos.numel():  # without EOS ids nothing ever finishes
+        token = token.masked_fill(done, pad)
+        done |= torch.isin(token, eos)
     return token
 
 
@@ -84,14 +101,20 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
         cache = KVCache(model.config.text_config, B, T + max_new_tokens, model.lm_head_weight.dtype,
                         input_ids.device)
         logits = prefill(model, input_ids, attention_mask, pixel_values, cache)
-        ones, out = attention_mask.new_ones(B, 1), []
+        # A decode step is a few hundred tiny ops, so what can be built once is: each row's positions
+        # continue after its L_b real prompt tokens, and one mask for the whole run (prompt pads blocked,
+        # new tokens never pads) is sliced per step.
+        position = attention_mask.sum(dim=1, keepdim=True)  # (B, 1): L_b, the first new token's position
+        full = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + max_new_tokens)
+        mask = attention_mask_4d(full, 1, full.shape[1])  # (B, 1, 1, T + max_new) or None
+        out = []
         for step in range(max_new_tokens):
             token = _next_token(logits, done, eos, pad, temperature, top_p, generator)
             out.append(token)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1 or (eos.numel() and bool(done.all())):  # the check syncs a GPU
                 break
-            attention_mask = torch.cat([attention_mask, ones], dim=1)  # (B, T_past + 1)
-            logits = decode_one(model, token[:, None], attention_mask, cache)
+            step_mask = None if mask is None else mask[..., :T + step + 1]  # (B, 1, 1, T_past + 1)
+            logits = decode_one(model, token[:, None], position + step, step_mask, cache)
         out = torch.stack(out, dim=1)  # (B, T_new)
     return out.clone()  # footgun: an inference-mode tensor cannot be saved for backward (e.g. DPO's embedding)
 

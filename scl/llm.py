@@ -65,8 +65,9 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # empty, not zeros: only positions < length are ever read
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length, self.max_len = 0, max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
@@ -90,31 +91,34 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2 never has an o_proj bias
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=qkv_bias and cfg.model_type == "llama")
 
-    def forward(self, x, cos, sin, mask, past: KV | KVCache | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x, cos, sin, mask, past: KV | KVCache | None, last_only: bool = False):
+        """-> (output (B, T, D), or (B, 1, D) for the last position only; this layer's (k, v) for S positions)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep, Dh = self.n_head // self.n_kv, self.head_dim
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, Dh).transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv, Dh).transpose(1, 2)
         if isinstance(past, KVCache):
             k, v = past.update(self.layer_idx, k, v)  # (B, H_kv, S, Dh), written in place
         elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H_kv, S, Dh): new tensors
-        rep = self.n_head // self.n_kv
-        if T == 1 and rep > 1:
-            # Decoding one token: fold the query heads sharing a kv head into the "time" axis,
-            # (B, H, 1, Dh) -> (B, H_kv, rep, Dh), so no copy of k/v per query head is made.
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep, self.head_dim), k, v,
-                                               attn_mask=mask, scale=self.head_dim ** -0.5)
-            y = y.reshape(B, self.n_head, 1, self.head_dim)
+        if last_only and T > 1:  # every position's keys/values, but only the last one's query
+            x, cos, sin, T = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], 1
+            mask = None if mask is None else mask[:, :, -1:]  # the last query sees every key that is no pad
+        if T == 1:
+            # One query per row (decoding): (B, 1, H * Dh) already is (B, H, 1, Dh) in memory, and viewing
+            # it as (B, H_kv, rep, Dh) puts the `rep` query heads sharing a kv head on the "time" axis, so
+            # grouped-query attention runs on the kv heads as they are: no copy of k/v, no transposes.
+            q = apply_rope(self.q_proj(x).view(B, self.n_kv, rep, Dh), cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5)  # (B, H_kv, rep, Dh)
         else:
+            q = apply_rope(self.q_proj(x).view(B, T, self.n_head, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
             kr, vr = k, v
             if rep > 1:  # (B, H_kv, S, Dh) -> (B, H, S, Dh), each kv head serving `rep` query heads
-                kr = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
-                vr = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
-            y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=self.head_dim ** -0.5)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)  # (B, T, D)
+                kr = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
+                vr = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
+            y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=mask is None,
+                                               scale=Dh ** -0.5).transpose(1, 2)  # (B, T, H, Dh)
+        return self.o_proj(y.reshape(B, T, -1)), (k, v)  # (B, T, D)
 
 
 class MLP(nn.Module):
@@ -136,9 +140,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + h
+    def forward(self, x, cos, sin, mask, past, last_only: bool = False):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
@@ -173,32 +177,41 @@ class TextModel(nn.Module):
                 self._inv_freq[device] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         return self._inv_freq[device]
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                last_only=False):
         """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past or None).
 
-        attention_mask covers past + current tokens, (B, T_past + T), 1 real / 0 pad.
+        last_only: hidden state of the last position only, (B, 1, D), which is all generation needs from
+        a prompt; the last layer then computes just keys and values for the other positions (with L
+        layers, ~1/L of a prefill's work saved).
+
+        attention_mask covers past + current tokens: (B, T_past + T), 1 real / 0 pad; or one already
+        built by `attention_mask_4d`, (B, 1, T, T_past + T), which then needs position_ids.
         past_key_values: list of (k, v) per layer (functional), or a KVCache (advanced in place, returned).
         """
         B, T, _ = inputs_embeds.shape
         static = isinstance(past_key_values, KVCache)
         T_past = past_key_values.length if static else past_key_values[0][0].shape[2] if past_key_values else 0
-        if attention_mask is not None and attention_mask.shape[1] != T_past + T:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; "
+        if attention_mask is not None and attention_mask.shape[-1] != T_past + T:
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; "
                              f"expected T_past + T = {T_past + T}")
+        built = attention_mask is not None and attention_mask.dim() == 4
         if position_ids is None:
+            if built:
+                raise ValueError("a 4-D attention_mask needs position_ids")
             if attention_mask is None:
                 position_ids = torch.arange(T_past, T_past + T, device=inputs_embeds.device)[None].expand(B, -1)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), inputs_embeds.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): broadcast over heads
-        mask = attention_mask_4d(attention_mask, T, T_past + T)
+        mask = attention_mask if built else attention_mask_4d(attention_mask, T, T_past + T)
         if mask is not None:
             mask = mask.to(inputs_embeds.device)
         x, new_past = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             past = past_key_values if static else past_key_values[i] if past_key_values else None
-            x, kv = layer(x, cos, sin, mask, past)
+            x, kv = layer(x, cos, sin, mask, past, last_only and i == len(self.layers) - 1)
             new_past.append(kv)
         if static:
             past_key_values.length += T

@@ -71,4 +71,4 @@ def test_bench_greedy_generation_cpu(tmp_path):
         print(f"{name:<15}{T:>5}{P:>5}{t_hf:>16.3f}{n / t_hf:>8.0f}{t_ours:>8.3f}{n / t_ours:>8.0f}"
               f"{t_hf / t_ours:>7.2f}")
     for name, T, P, t_hf, t_ours in rows:
-        assert t_ours < t_hf, f"{name}: slower than transformers"  # the goal is 1.5x
+        assert t_hf / t_ours >= 1.5, f"{name}: {t_hf / t_ours:.2f}x transformers, the goal is 1.5x"

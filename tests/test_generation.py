@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import hf_fixtures as hx
-from scl.generation import generate, generate_ref, sample
+from scl.generation import generate, generate_ref, prefill, sample
+from scl.llm import KVCache
 from scl.weights import load_vlm
 
 NEW = 16
@@ -72,6 +73,25 @@ def test_cache_equals_recompute_sampled_same_seed(pair, temperature, top_p):
     assert not torch.equal(fast, other)  # the seed matters: this really sampled
     greedy = generate(ours, ids, mask, pix, **{**kw, "temperature": 0.0})
     assert not torch.equal(fast, greedy)
+
+
+def test_chunked_prefill_equals_one_pass(pair):
+    """prefill a few tokens at a time, the last layer for the last position only == one plain forward:
+    same next-token logits, and the cache holds the prompt's keys/values."""
+    config, hf, ours = pair
+    ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 1)))
+    B, T = ids.shape
+    with torch.inference_mode():
+        h, past = ours.forward_hidden(ids, pix, mask, use_cache=True)
+        want = (h[:, -1] @ ours.lm_head_weight.T).float()  # (B, V)
+        for chunk in (1, 5, T):
+            cache = KVCache(ours.config.text_config, B, T + 3, torch.float32)
+            got = prefill(ours, ids, mask, pix, cache, chunk=chunk)
+            assert cache.length == T
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for layer, (k, v) in enumerate(past):
+                torch.testing.assert_close(cache.k[layer][:, :, :T], k, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(cache.v[layer][:, :, :T], v, atol=1e-5, rtol=1e-5)
 
 
 def test_stops_when_every_sequence_is_done(pair):
