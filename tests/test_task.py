@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from scl import task, vocab
+from task_checker import check_answer
 
 from scl.prompts import COT, FORMAT, review_message, turn1_message  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_exclusion_draws_fresh_rows():
 
 
 def test_every_gold_answer_is_right_by_the_independent_checker(rows):
-    assert all(task.check_answer(r["scene"], r["question"], r["options"]) == r["answer"] for r in rows)
+    assert all(check_answer(r["scene"], r["question"], r["options"]) == r["answer"] for r in rows)
 
 
 def test_checker_notices_a_changed_scene(rows):
@@ -94,11 +95,11 @@ def test_checker_notices_a_changed_scene(rows):
         for wrong in set("ABCD") - {r["answer"]}:
             imagined = task._imagine(r["scene"], r, r["options"]["ABCD".index(wrong)])
             assert len({o["cell"] for o in imagined}) == len(imagined)  # still one object per cell
-            got = task.check_answer(imagined, r["question"], r["options"])
+            got = check_answer(imagined, r["question"], r["options"])
             assert got in (wrong, None)  # None: the change made the question ambiguous (two anchors)
             agree += got == wrong
     assert agree >= 0.95 * 3 * 400
-    assert task.check_answer([], "What colour is the largest shape?", list(task.COLOURS)) is None
+    assert check_answer([], "What colour is the largest shape?", list(task.COLOURS)) is None
 
 
 def test_options_unique_letters_and_families_balanced(rows):
