@@ -122,8 +122,9 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
         recs = runs[p]
         metrics["prompts"][p] = {"turn1_accuracy": accuracy(recs, 0), "turn2_accuracy": accuracy(recs, 1),
                                  "transitions": transitions(recs)}
-    curve = runs[cfg.curve_prompt if prompts else "sp"]
-    metrics["rounds"] = {"prompt": cfg.curve_prompt,
+    curve_name = cfg.curve_prompt if prompts else "sp"
+    curve = runs[curve_name]
+    metrics["rounds"] = {"prompt": curve_name,
                          "accuracy": [accuracy(curve, k) for k in range(len(curve[0]["turns"]) if curve else 0)]}
     return metrics, runs
 
@@ -148,7 +149,7 @@ def plot_rounds(metrics_by_model: dict, path: str) -> None:
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         m = metrics_by_model[name]["prompts"]
-        if not m:  # a compared model evaluated on turn 1 and the curve only
+        if not m:  # a compared model evaluated on turn 1 only
             continue
         xs = [i + j * width for i in range(len(prompts))]
         ax2.bar(xs, [m[p]["transitions"]["2"] for p in prompts], width, label=f"{name}: wrong→right")
@@ -216,7 +217,7 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     metrics, runs = {}, {}
     for label, path in zip(labels, models):
         model, tok, proc = load_model(path, device)
-        prompts = cfg.prompts if path == cfg.model or cfg.compare_prompts else []
+        prompts = cfg.prompts if label == labels[0] or cfg.compare_prompts else []
         metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label, prompts)
         print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
               f"on {len(rows)} questions", flush=True)
