@@ -37,16 +37,15 @@ class TrainConfig:
     n_sft: int = 20000  # SFT questions
     n_construct: int = 1000  # questions SelfCorSet is built from (two-turn rollouts)
     n_test: int = 1000  # held-out questions, never used to build pairs or choose settings
-    sft_steps: int = 400  # optimizer steps of the base model's SFT
+    sft_steps: int = 420  # optimizer steps of the base model's SFT (fits 10 minutes on 2 cores with a cold compile)
     sft_batch_size: int = 64  # conversations per SFT step
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
-    sft_captions: float = 0.5  # dense-caption conversations per SFT question (scl/base.py caption_conversation)
     sft_describe_first: bool = True  # answers start with the scene caption, then reason (perception first)
     sft_review_misread: float = 0.0  # SFT review turns whose first answer (context) is a reasoning slip (scl/task.py)
     sft_blank_images: bool = False  # text-only baseline: every image blank, in SFT and on test (issue 4)
     sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)
-    sft_compile: bool = True  # torch.compile the SFT step (fixed shapes; ~6x faster on CPU, research/feasibility)
+    sft_compile: bool = True  # torch.compile the SFT step (one graph for all blocks; ~6x faster on CPU, research/feasibility)
     model_preset: str = "tiny"  # size of the base model, see scl/base.py BASE_PRESETS
     # --- self-correction rollouts on construct (stage all; generate.py's code) ---
     prompt: str = "vp2"  # review prompt that builds SelfCorSet: cp | vp1 | vp2 | vp3
@@ -444,7 +443,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     """Task data + tokenizer + base model, trained from scratch; out_dir/{data,base}/."""
     from tqdm import tqdm
     from scl import vocab
-    from scl.base import (base_config, blank_image, caption_conversation, encode_conversations, init_weights, prepare_task,
+    from scl.base import (base_config, blank_image, encode_conversations, init_weights, prepare_task,
                           preprocess_images, sft_fingerprint, write_preprocessor_config)
     from scl.data import load_rows
     from scl.image import ImageProcessor
@@ -465,27 +464,22 @@ def run_sft(cfg: TrainConfig) -> dict:
     tmp_dir = base_dir + ".tmp"  # the finished folder appears only when complete
     os.makedirs(tmp_dir, exist_ok=True)
 
-    # 1. Conversations: every SFT question, plus dense captions of its scene; a tokenizer trained on
-    #    their text, in which every protocol sentence is one token.
+    # 1. Conversations: every SFT question (each answer reads the scene out first: a dense caption);
+    #    a tokenizer trained on their text, in which every protocol sentence is one token.
     conversations = [r["messages"] for r in rows]  # answers as scl/task.py conversation() writes them
     images = [r["image"] for r in rows]
-    cap_rng = random.Random(cfg.seed)
-    for r in rows:
-        if cap_rng.random() < cfg.sft_captions:
-            conversations.append(caption_conversation(r["scene"]))
-            images.append(r["image"])
     texts = [m["content"] for c in conversations for m in c] + [o for r in rows for o in r["options"]]
     vocab.train_tokenizer(texts, tmp_dir, whole_tokens=vocab.protocol_sentences())
     tok = Tokenizer.from_dir(tmp_dir)
 
-    # 2. The model, the data as fixed-shape tensors, the images preprocessed once.
+    # 2. The model, the data as a few padded blocks, the images preprocessed once.
     config = base_config(cfg.model_preset, tok)
     model = VLM(config)
     init_weights(model)
     model.to(device)
     write_preprocessor_config(tmp_dir, config.vision_config.image_size)
     proc = ImageProcessor.from_dir(tmp_dir)
-    blocks = encode_conversations(conversations, tok, config.num_image_tokens)  # [(rows, (N_k, T_k), (N_k, T_k))]
+    blocks = encode_conversations(conversations, tok, config.num_image_tokens, buckets=6)  # [(rows, (N_k, T_k), (N_k, T_k))]
     unique = sorted(set(images))
     pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)  # (N_img, 3, S, S)
     if cfg.sft_blank_images:  # the baseline that shows the questions need the image: nothing to see
@@ -493,10 +487,10 @@ def run_sft(cfg: TrainConfig) -> dict:
     position = {p: i for i, p in enumerate(unique)}
     image_of = torch.tensor([position[p] for p in images])  # conversation -> its row in pixel_values
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"sft: {len(conversations)} conversations ({len(conversations) - len(rows)} captions) in blocks of "
+    print(f"sft: {len(conversations)} conversations in blocks of "
           f"{[b[1].shape[1] for b in blocks]} tokens, model {n_params / 1e6:.2f}M parameters")
 
-    # 3. The loop: AdamW, warm-up + cosine, clipping; one compiled fixed-shape step.
+    # 3. The loop: AdamW, warm-up + cosine, clipping; one compiled step.
     # Footgun: the decoder's RMSNorm makes the image features' scale free, and Adam's steps at a text-sized
     # lr grow it ~250x in 50 steps; their gradients then shrink as 1/scale and the tower stops learning
     # (measured: feature norm 0.6 -> 150, patch-embedding grad 3.4 -> 1e-4). A smaller lr there keeps it ~2.
@@ -511,13 +505,17 @@ def run_sft(cfg: TrainConfig) -> dict:
             logits = model(ids, pixel_values=pix)  # (B, T, V) fp32
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
-    step_fn = torch.compile(loss_fn, dynamic=False) if cfg.sft_compile else loss_fn
+    # One graph for every block length (dynamic shapes): a cold inductor compile costs ~30-70 s on
+    # 2 cores, one static graph per block paid that 4-5 times on a fresh machine. Footgun: build the
+    # RoPE table first, or the first call's cache insert is a guard failure and a second compile.
+    model.language_model.model.inv_freq(device)
+    step_fn = torch.compile(loss_fn, dynamic=True) if cfg.sft_compile else loss_fn
     gen = torch.Generator().manual_seed(cfg.seed)
     log = open(os.path.join(tmp_dir, "log.jsonl"), "w")
     bar = tqdm(range(cfg.sft_steps), desc="sft")
     sizes = torch.tensor([len(b[0]) for b in blocks], dtype=torch.float)
     for step in bar:
-        # A batch comes from one length block (one compiled shape), blocks drawn by their size.
+        # A batch comes from one length block, blocks drawn by their size (every conversation equally likely).
         k = int(torch.multinomial(sizes, 1, generator=gen))
         rows_k, ids_k, tgt_k = blocks[k]
         idx = torch.randint(len(rows_k), (cfg.sft_batch_size,), generator=gen)

@@ -5,7 +5,9 @@ import numpy as np
 import torch
 
 from scl import task, vocab
-from scl.base import blank_image, encode_conversations
+import itertools
+
+from scl.base import blank_image, encode_conversations, length_buckets
 from scl.prompts import review_message, turn1_message
 from scl.tokenizer import Tokenizer
 
@@ -41,3 +43,17 @@ def test_blank_image_is_the_background_only():
 
     im = blank_image(Config)
     assert im.size == (48, 48) and np.array(im).reshape(-1, 3).tolist() == [list(task.BACKGROUND)] * 48 * 48
+
+
+def test_length_buckets_pad_least_among_all_cuts():
+    rng = random.Random(3)
+    for _ in range(30):
+        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 25))]
+        K = rng.randint(1, 4)
+        padded = lambda tops: sum(min(t for t in tops if t >= n) for n in lengths)
+        distinct = sorted(set(lengths))
+        brute = min(padded(list(c) + [distinct[-1]]) for k in range(min(K, len(distinct)))
+                    for c in itertools.combinations(distinct[:-1], k))
+        tops = length_buckets(lengths, K)
+        assert len(tops) <= K and tops[-1] == max(lengths) and padded(tops) == brute
+    assert length_buckets([], 3) == []

@@ -10,7 +10,7 @@ import train
 # ~150 micro SFT steps: enough for the model to write `## X ##` answers, so flips and pairs exist and
 # the DPO stage runs (seeded: 29 pairs here).
 MINI = ["--n_sft=600", "--n_construct=24", "--n_test=24", "--sft_steps=150", "--sft_batch_size=16",
-        "--sft_warmup=10", "--sft_lr=5e-3", "--model_preset=micro", "--sft_describe_first=false", "--sft_captions=0", "--sft_compile=false", "--samples=4", "--gen_batch_size=96",
+        "--sft_warmup=10", "--sft_lr=5e-3", "--model_preset=micro", "--sft_describe_first=false", "--sft_compile=false", "--samples=4", "--gen_batch_size=96",
         "--max_new_tokens=48", "--batch_size=4", "--micro_batch_size=4", "--epochs=1", "--eval_rounds=3",
         "--eval_prompts=cp,vp1", "--device=cpu"]
 
