@@ -37,11 +37,12 @@ class TrainConfig:
     n_sft: int = 20000  # SFT questions
     n_construct: int = 1000  # questions SelfCorSet is built from (two-turn rollouts)
     n_test: int = 1000  # held-out questions, never used to build pairs or choose settings
-    sft_steps: int = 420  # optimizer steps of the base model's SFT (fits 10 minutes on 2 cores with a cold compile)
+    sft_steps: int = 500  # optimizer steps of the base model's SFT (fits 10 minutes on 2 cores with a cold compile)
     sft_batch_size: int = 64  # conversations per SFT step
     sft_lr: float = 3e-3  # peak AdamW lr of the base SFT (warm-up then cosine)
     sft_warmup: int = 60  # warm-up steps
     sft_describe_first: bool = True  # answers start with the scene caption, then reason (perception first)
+    sft_review_fraction: float = 0.1  # SFT conversations that carry the review turn (enough to learn the two-turn format)
     sft_review_misread: float = 0.0  # SFT review turns whose first answer (context) is a reasoning slip (scl/task.py)
     sft_blank_images: bool = False  # text-only baseline: every image blank, in SFT and on test (issue 4)
     sft_vision_lr_scale: float = 0.1  # lr of vision tower + projector relative to sft_lr (keeps their scale sane)

@@ -143,7 +143,7 @@ def write_preprocessor_config(path, image_size):
 
 def sft_fingerprint(cfg):
     keys = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup",
-            "model_preset", "sft_vision_lr_scale", "sft_describe_first", "sft_review_misread",
+            "model_preset", "sft_vision_lr_scale", "sft_describe_first", "sft_review_fraction", "sft_review_misread",
             "sft_blank_images")
     return {k: getattr(cfg, k) for k in keys}
 
@@ -154,10 +154,12 @@ def prepare_task(cfg, data_dir):
 
     manifest = os.path.join(data_dir, "task.json")
     want = {"seed": cfg.seed, "n_sft": cfg.n_sft, "n_construct": cfg.n_construct, "n_test": cfg.n_test,
-            "describe": cfg.sft_describe_first, "misread": cfg.sft_review_misread}
+            "describe": cfg.sft_describe_first, "review_fraction": cfg.sft_review_fraction,
+            "misread": cfg.sft_review_misread}
     if os.path.exists(manifest) and json.load(open(manifest)) == want:
         return [json.loads(line) for line in open(os.path.join(data_dir, "sft.jsonl"))]
     splits = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct, n_test=cfg.n_test,
-                             describe=cfg.sft_describe_first, misread=cfg.sft_review_misread)
+                             describe=cfg.sft_describe_first, misread=cfg.sft_review_misread,
+                             review_fraction=cfg.sft_review_fraction)
     write_json_atomic(manifest, want)
     return splits["sft"]
