@@ -480,7 +480,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     model.to(device)
     write_preprocessor_config(tmp_dir, config.vision_config.image_size)
     proc = ImageProcessor.from_dir(tmp_dir)
-    blocks = encode_conversations(conversations, tok, config.num_image_tokens, buckets=6)  # [(rows, (N_k, T_k), (N_k, T_k))]
+    blocks = encode_conversations(conversations, tok, config.num_image_tokens)  # [(rows, (N_k, T_k), (N_k, T_k))]
     unique = sorted(set(images))
     pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)  # (N_img, 3, S, S)
     if cfg.sft_blank_images:  # the baseline that shows the questions need the image: nothing to see
