@@ -46,6 +46,7 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
                          max_new_tokens=cfg.max_new_tokens, device=cfg.device)
     stages["selfcorrect"] = run_generate(gen)
+    stages["selfcorrect"]["reasoned"] = reasoning_check(gen.data, os.path.join(gen.out_dir, "responses.jsonl"))
     stages["selfcorrect"]["stage_seconds"] = time.time() - t
 
     # 3. DPO from the base model on its own pairs. No flips means no SelfCorSet: say so and evaluate the base.
@@ -94,6 +95,25 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
     return result
 
 
+def reasoning_check(data: str, responses: str) -> dict:
+    """How many right answers, and how many chosen and rejected responses of SelfCorSet, carry the
+    task's reference reasoning (`task.reasoned`)? A pair teaches reasoning only if its chosen one does."""
+    from scl.task import reasoned
+    rows = {r["id"]: r for r in map(json.loads, open(data))}
+    n = dict(right=0, right_reasoned=0, chosen_reasoned=0, rejected_reasoned=0)
+    for x in map(json.loads, open(responses)):
+        row, turns = rows[x["id"]], x["turns"]
+        for turn in turns:
+            if turn["correct"]:
+                n["right"] += 1
+                n["right_reasoned"] += reasoned(row, turn["text"])
+        if x["type"] in (2, 3):  # section 1.5: type 2 prefers turn 2, type 3 prefers turn 1
+            chosen, rejected = (turns[1], turns[0]) if x["type"] == 2 else (turns[0], turns[1])
+            n["chosen_reasoned"] += reasoned(row, chosen["text"])
+            n["rejected_reasoned"] += reasoned(row, rejected["text"])
+    return n
+
+
 def summarize(stages: dict, seconds: float) -> dict:
     ev, sc, dpo = stages["eval"], stages["selfcorrect"], stages["dpo"]
     c = ev.get("comparison")
@@ -104,7 +124,8 @@ def summarize(stages: dict, seconds: float) -> dict:
         "difference": c["difference"] if c else None, "ci95": c["ci95"] if c else None,
         "p_value": c["p_value"] if c else None,
         "selfcorset": {"rollouts": sc["rollouts"], "types": sc["types"], "pairs": sc["pairs"],
-                       "turn1_accuracy": sc["accuracy"]["turn1"], "turn2_accuracy": sc["accuracy"].get("turn2")},
+                       "turn1_accuracy": sc["accuracy"]["turn1"], "turn2_accuracy": sc["accuracy"].get("turn2"),
+                       "reasoned": sc["reasoned"]},
         "dpo": {k: v for k, v in dpo.items() if k.startswith(("first/", "last/", "pairs_", "steps"))},
         "stage_seconds": {k: round(v["stage_seconds"], 1) for k, v in stages.items()},
         "seconds": seconds,
@@ -116,6 +137,7 @@ def report(result: dict, stages: dict) -> str:
     c = ev.get("comparison")
     base = ev["base"] if c else ev["model"]
     sc = result["selfcorset"]
+    r = sc["reasoned"]
     lines = ["# SCL on the built-in task", "", "| model | single-turn test accuracy |", "|---|---|",
              f"| base (SFT) | {100 * result['base']['test_accuracy']:.1f}% |"]
     if c:
@@ -127,6 +149,10 @@ def report(result: dict, stages: dict) -> str:
         lines += ["", "No SCL model: the base model's rollouts gave no wrong→right or right→wrong flips."]
     lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {100 * sc['turn1_accuracy']:.1f}% -> "
                   f"turn 2 {100 * (sc['turn2_accuracy'] or 0):.1f}%, types {sc['types']}, {sc['pairs']} pairs.", "",
+              f"Reasoning behind the answers (the scene read right and the task's reference steps, `task.reasoned`): "
+              f"{r['right_reasoned']} of {r['right']} right answers in the rollouts; chosen responses "
+              f"{r['chosen_reasoned']} of {sc['pairs']}, rejected {r['rejected_reasoned']}. A right answer after "
+              f"wrong steps is a lucky guess, and a pair that prefers one teaches no reasoning.", "",
               "## What a review turn does to the base model (test, greedy)", "",
               "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|"]
     for p, v in base["prompts"].items():

@@ -275,6 +275,13 @@ def response(scene, q, letter=None, describe=False):
     return f"{caption(seen)} {text}" if describe else text
 
 
+def reasoned(row, text) -> bool:
+    """Does `text` carry the reference reasoning of `row`: the scene read out right, then the very steps
+    `response` writes? A right letter alone can be a lucky guess after wrong steps (1 in 4 by chance);
+    only the built-in task can tell the two apart, since its rows keep the scene."""
+    return text.startswith(caption(row["scene"])) and _steps(row["scene"], row) in text
+
+
 # ---------------------------------------------------------------------------- splits and files
 
 

@@ -155,6 +155,18 @@ def test_gold_responses_are_grounded_in_the_scene(rows):
     assert described > 150  # colour_at, shape_at, largest, relation: ~200 in 400 rows
 
 
+def test_reasoned_tells_a_reasoned_answer_from_a_lucky_letter(rows):
+    for r in rows[:200]:
+        gold = task.response(r["scene"], r, describe=True)
+        assert task.reasoned(r, gold)
+        assert not task.reasoned(r, task.response(r["scene"], r))  # steps without reading the scene out
+        other = next(x for x in "ABCD" if x != r["answer"])
+        wrong = task.response(r["scene"], r, other, describe=True)  # steps of the scene `other` needs
+        assert not task.reasoned(r, wrong)
+        lucky = re.sub(r"## [A-D] ##$", f"## {r['answer']} ##", wrong)  # wrong steps, then the right letter
+        assert not task.reasoned(r, lucky)
+
+
 def test_sft_conversations_follow_the_protocol(written):
     _, splits = written
     reviews, misread = 0, 0
