@@ -98,20 +98,15 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
 def reasoning_check(data: str, responses: str) -> dict:
     """How many right answers, and how many chosen and rejected responses of SelfCorSet, carry the
     task's reference reasoning (`task.reasoned`)? A pair teaches reasoning only if its chosen one does."""
+    from scl.selfcorrect import build_pairs
     from scl.task import reasoned
     rows = {r["id"]: r for r in map(json.loads, open(data))}
-    n = dict(right=0, right_reasoned=0, chosen_reasoned=0, rejected_reasoned=0)
-    for x in map(json.loads, open(responses)):
-        row, turns = rows[x["id"]], x["turns"]
-        for turn in turns:
-            if turn["correct"]:
-                n["right"] += 1
-                n["right_reasoned"] += reasoned(row, turn["text"])
-        if x["type"] in (2, 3):  # section 1.5: type 2 prefers turn 2, type 3 prefers turn 1
-            chosen, rejected = (turns[1], turns[0]) if x["type"] == 2 else (turns[0], turns[1])
-            n["chosen_reasoned"] += reasoned(row, chosen["text"])
-            n["rejected_reasoned"] += reasoned(row, rejected["text"])
-    return n
+    records = [json.loads(line) for line in open(responses)]
+    right = [(rows[x["id"]], t["text"]) for x in records for t in x["turns"] if t["correct"]]
+    pairs = build_pairs(records)  # the pair rule of section 1.5, as SelfCorSet was built
+    return {"right": len(right), "right_reasoned": sum(reasoned(row, text) for row, text in right),
+            "chosen_reasoned": sum(reasoned(rows[p["id"]], p["chosen"]) for p in pairs),
+            "rejected_reasoned": sum(reasoned(rows[p["id"]], p["rejected"]) for p in pairs)}
 
 
 def summarize(stages: dict, seconds: float) -> dict:
