@@ -129,32 +129,12 @@ def lr_at(step, total, warmup, peak):
 # DPO on SelfCorSet
 
 def load_pairs(cfg, tok, proc, num_image_tokens, out_dir, rank):
-    """Read selfcorset.jsonl: encoded pairs + preprocessed images; bad rows skipped with a reason."""
-    from PIL import Image
-    from scl.dpo import SkipPair, encode_pair
+    """selfcorset.jsonl -> encoded pairs; skipped rows and their reasons go to out_dir/skipped.jsonl."""
+    from scl.dpo import read_pairs
 
     if not os.path.isfile(cfg.pairs):
         sys.exit(f"error: pairs file not found: {cfg.pairs}")
-    base = os.path.dirname(os.path.abspath(cfg.pairs))
-    pairs, skipped = [], []
-    with open(cfg.pairs) as f:
-        for n, line in enumerate(f):
-            try:
-                row = json.loads(line)
-                pid = str(row.get("id", n)) + f"#{n}"
-                path = os.path.join(base, row["image"])
-                try:
-                    image = Image.open(path).convert("RGB")
-                except (OSError, ValueError) as e:
-                    raise SkipPair(f"image {row['image']!r} unreadable: {e.__class__.__name__}")
-                enc = encode_pair(tok, row["prompt"], row["chosen"], row["rejected"], num_image_tokens, cfg.max_length)
-                enc["pixel_values"] = proc([image])[0]  # (3, S, S)
-                enc["id"] = pid
-                pairs.append(enc)
-            except SkipPair as e:
-                skipped.append({"line": n, "reason": e.reason})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                skipped.append({"line": n, "reason": f"malformed row: {e.__class__.__name__}: {e}"})
+    pairs, skipped = read_pairs(cfg.pairs, tok, proc, num_image_tokens, cfg.max_length)
     if rank == 0 and skipped:
         with open(os.path.join(out_dir, "skipped.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in skipped)

@@ -1,14 +1,18 @@
 """DPO for Self-Correction Learning: pair encoding, sequence log-probs, the loss (DESIGN §1.6, §4).
 
-Read top to bottom: a SelfCorSet pair (prompt, chosen, rejected) becomes token ids (`encode_pair`),
-pairs become a padded batch (`collate_pairs`), the model scores both responses given the shared prompt
-(`concatenated_forward`), and the four log-prob vectors give the loss (`dpo_loss`, paper §4.1):
+Read top to bottom: a SelfCorSet pair (prompt, chosen, rejected) becomes token ids (`encode_pair`; a
+whole selfcorset.jsonl: `read_pairs`), pairs become a padded batch (`collate_pairs`), the model scores
+both responses given the shared prompt (`concatenated_forward`), and the four log-prob vectors give the
+loss (`dpo_loss`, paper §4.1):
 
     L = (1 - α) · -log σ(β [(log πθ(Rc) - log πref(Rc)) - (log πθ(Rr) - log πref(Rr))])  +  α · NLL(Rc)
 
 with β = 0.1 and α = 0.1 (the paper's `sft_beta`, ms-swift 2.x: total = (1 - sft_beta)·DPO + sft_beta·SFT).
 Shapes: B pairs, T tokens (Tp prompt, Tr response), D width, V vocab.
 """
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +72,36 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: 
     if longest > max_length:
         raise SkipPair(f"prompt + response is {longest} tokens > max_length {max_length}")
     return {"prompt_ids": gen_prompt, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+
+
+def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> tuple[list, list]:
+    """Read a SelfCorSet file (selfcorset.jsonl: {"id", "image", "prompt", "chosen", "rejected"} per line).
+
+    Returns (pairs, skipped): each pair is encode_pair's ids plus "pixel_values" (3, S, S) and a unique "id";
+    each skipped row is {"line", "reason"}: a malformed row, an unreadable image or a SkipPair (DESIGN §7).
+    Image paths are relative to the file.
+    """
+    from PIL import Image
+
+    base = os.path.dirname(os.path.abspath(path))
+    pairs, skipped = [], []
+    with open(path) as f:
+        for n, line in enumerate(f):
+            try:
+                row = json.loads(line)
+                try:
+                    image = Image.open(os.path.join(base, row["image"])).convert("RGB")
+                except (OSError, ValueError) as e:
+                    raise SkipPair(f"image {row['image']!r} unreadable: {e.__class__.__name__}")
+                enc = encode_pair(tok, row["prompt"], row["chosen"], row["rejected"], num_image_tokens, max_length)
+                enc["pixel_values"] = proc([image])[0]  # (3, S, S)
+                enc["id"] = str(row.get("id", n)) + f"#{n}"
+                pairs.append(enc)
+            except SkipPair as e:
+                skipped.append({"line": n, "reason": e.reason})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                skipped.append({"line": n, "reason": f"malformed row: {e.__class__.__name__}: {e}"})
+    return pairs, skipped
 
 
 def collate_pairs(encoded: list, pad_id: int) -> dict:
