@@ -147,7 +147,7 @@ def response_logps(hidden, weight, targets, mask, impl=None):
     Returns:
         logps (N,) fp32 sums over real tokens; tokens (N,) number of real tokens.
     Only real tokens go through the head (DESIGN §3): pads are dropped before the (·, V) product, and the
-    kernel never holds the full (N, V) logits (chunked on CPU, fused in Triton on GPU).
+    kernel never holds the full (N, V) logits (one token chunk at a time: PyTorch on CPU, cuBLAS + Triton on GPU).
     """
     keep = mask.bool()  # (N, Tr)
     token_logps = linear_token_logprobs(hidden[keep], weight, targets[keep], impl=impl)  # (n_real,) fp32

@@ -136,7 +136,8 @@ def test_gpu_bench_script_smoke(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| 16 ")]
     names = [r[2].strip() for r in rows]
     assert names == ["triton", "eager", "compiled", "cross_entropy", "ref (chunked torch)",
-                     "triton fused", "matmul+eager", "matmul+compiled", "ref (chunked torch)"]
+                     "triton fused", "matmul+eager", "chunked (cuBLAS + triton)", "matmul+compiled",
+                     "ref (chunked torch)"]
     for r in rows:
         assert float(r[3]) < 1e-4  # max abs diff vs eager
         assert float(r[4]) > 0 and float(r[7]) > 0  # fwd ms, fwd+bwd ms

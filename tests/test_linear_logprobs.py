@@ -15,7 +15,8 @@ import kernels.logprobs_ref as logprobs_ref
 from kernels import linear_token_logprobs, token_logprobs
 from kernels.logprobs_ref import linear_token_logprobs_eager
 
-IMPLS = ["ref", pytest.param("triton", marks=pytest.mark.skipif(not kernels.triton_available(), reason="no triton"))]
+_NO_TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="no triton")
+IMPLS = ["ref", pytest.param("triton", marks=_NO_TRITON), pytest.param("chunked", marks=_NO_TRITON)]
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +25,10 @@ def poison(monkeypatch):
     small reference chunks, so the test sizes cross chunk borders."""
     monkeypatch.setattr(logprobs_ref, "POISON", True)
     monkeypatch.setattr(logprobs_ref, "CHUNK_ELEMENTS", 4096)
+    if kernels.triton_available():
+        import kernels.chunked_logprobs as chunked_logprobs
+
+        monkeypatch.setattr(chunked_logprobs, "CPU_CHUNK_ELEMENTS", 2048)
 
 
 def make_case(N, V, H, seed, dtype=torch.float32, device="cpu"):
@@ -158,6 +163,8 @@ def test_dpo_steps_same_losses(fused):
     ref, tri = dpo_losses("ref", fused), dpo_losses("triton", fused)
     assert ref[-1] < ref[0] - 0.05  # it trains
     torch.testing.assert_close(torch.tensor(tri), torch.tensor(ref), rtol=0, atol=1e-5)
+    if fused:
+        torch.testing.assert_close(torch.tensor(dpo_losses("chunked", fused)), torch.tensor(ref), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,16 +172,34 @@ def test_dpo_steps_same_losses(fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,V,H", [(300, 32000, 256), (64, 4099, 48)])
-def test_bf16_gpu(N, V, H):
-    """CCE's rule: our error vs float64 is no worse than torch's own bf16 eager path plus a small tol."""
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("N,V,H", [(300, 32000, 256), (64, 4099, 48), (3000, 152064, 64)])
+def test_bf16_gpu(N, V, H, impl):
+    """CCE's rule: our error vs float64 is no worse than torch's own bf16 eager path plus a small tol.
+    (3000 x 152064 makes the chunked version take two chunks.)"""
     hidden, weight, targets, g = make_case(N, V, H, seed=N + V, dtype=torch.bfloat16, device="cuda")
-    ours = run("triton", hidden, weight, targets, g)
+    ours = run(impl, hidden, weight, targets, g)
     eager = _eager_bf16(hidden, weight, targets, g)
     exact = oracle(hidden, weight, targets, g)
-    torch.testing.assert_close(ours[0].double(), exact[0], rtol=1e-5, atol=1e-4)  # fp32 logits from bf16 operands
-    for got, base, ref in zip(ours[1:], eager[1:], exact[1:]):
-        assert got.dtype == torch.bfloat16
+    if impl == "triton":  # fp32 logits from bf16 operands; "chunked" rounds them to bf16, as eager does
+        torch.testing.assert_close(ours[0].double(), exact[0], rtol=1e-5, atol=1e-4)
+    for got, base, ref in zip(ours, eager, exact):
+        assert got.dtype == (torch.float32 if got is ours[0] else torch.bfloat16)
+        scale = ref.abs().max()
+        assert (got.double() - ref).abs().max() <= (base.double() - ref).abs().max() + 2**-8 * scale
+
+
+@pytest.mark.gpu
+def test_chunked_under_autocast_gpu():
+    """DPO on CUDA runs under bf16 autocast with fp32 weights: the chunked products run in bf16 in the
+    forward and, recomputed, in the backward too (custom_bwd), so forward and backward agree."""
+    hidden, weight, targets, g = make_case(500, 32000, 256, seed=5, device="cuda")  # fp32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = run("chunked", hidden, weight, targets, g)
+    eager = _eager_bf16(hidden.bfloat16(), weight.bfloat16(), targets, g)  # what autocast computes
+    exact = oracle(hidden, weight, targets, g)
+    for got, base, ref in zip(ours, eager, exact):
+        assert got.dtype == torch.float32
         scale = ref.abs().max()
         assert (got.double() - ref).abs().max() <= (base.double() - ref).abs().max() + 2**-8 * scale
 
