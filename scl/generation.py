@@ -79,9 +79,9 @@ def _linear_t(weight, weight_t, bias, x):
     """F.linear(x, weight, bias), reading weight_t = weight.T (contiguous) when x has 4 or more rows."""
     if x.numel() < 4 * x.shape[-1]:  # 1-3 rows: keep F.linear's exact numbers (batch-1 parity with transformers)
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
-    return y.view(*x.shape[:-1], -1)
+    if bias is None:
+        return torch.matmul(x, weight_t)  # (..., in) @ (in, out): one mm over the flattened rows
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight_t).view(*x.shape[:-1], -1)
 
 
 def _transposed(m: nn.Linear) -> torch.Tensor:
