@@ -20,7 +20,7 @@ from scl.weights import load_vlm
 
 SIZES = dict(vision_hidden=64, vision_layers=2, text_hidden=256, text_layers=4, heads=8, kv_heads=4,
              vocab=1024, image_token=1000)
-BATCH, NEW, REPEATS = 8, 64, 5
+BATCH, NEW, REPEATS = 8, 64, 10
 # (name, image size, per-row text lengths before/after the image): a short prompt, and one as long as a
 # turn-2 self-correction prompt of the built-in task (question, options, the turn-1 answer, the review)
 PROMPTS = [("short", 28, [(2 + 3 * i, 6 + 2 * (i % 3)) for i in range(BATCH)]),
