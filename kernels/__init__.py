@@ -6,9 +6,9 @@
 `impl=None` runs the Triton kernels on CUDA tensors (when triton imports) and the chunked PyTorch
 reference elsewhere; `impl="ref"` or `impl="triton"` forces one (tests; Triton on CPU tensors needs
 TRITON_INTERPRET=1, set by tests/conftest.py). `linear_token_logprobs` also takes `impl="chunked"`,
-its CUDA default: cuBLAS products and the Triton logits kernel per token chunk (`chunked_logprobs.py`). Reading order: logprobs_ref.py, logprobs.py,
-linear_logprobs.py. Triton is imported only when a Triton path is taken, so this package works
-where triton is not installed.
+its CUDA default: cuBLAS products and the Triton logits kernel per token chunk. Reading order:
+logprobs_ref.py, logprobs.py, linear_logprobs.py, chunked_logprobs.py. Triton is imported only when
+a Triton path is taken, so this package works where triton is not installed.
 """
 import functools
 

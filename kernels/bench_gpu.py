@@ -4,14 +4,15 @@
     python -m kernels.bench_gpu --out=/tmp/smoke.md --smoke   # tiny shapes (no GPU: Triton interpreted, fp32)
 
 Logits input (bf16, N in {4096, 16384}, V in {32064, 152064}) and from hidden states (H = 4096, same
-N and V: the fused kernel, the chunked cuBLAS + Triton path, matmul + eager/compiled). For each case: correctness against eager first, then forward and forward+backward timed
-with CUDA events (median of --reps after warm-up), with a random non-uniform upstream gradient.
-Reported: ms; for logits input the achieved bandwidth on the minimum traffic (forward reads the
-logits once: N*V*b bytes; forward+backward 3*N*V*b) as GB/s and as a share of a measured
-device-to-device copy; for fused linear TFLOPS on the useful 2NHV (fwd) / 6NHV (fwd+bwd) flops
-(ours does 8NHV: it recomputes the logits in backward); and the extra peak memory beyond the
-inputs, the output and the input gradients every provider must produce. A case that runs out of
-memory, or that would start after --budget_s, is skipped with a note.
+N and V: the fused kernel, the chunked cuBLAS + Triton path, matmul + eager/compiled). For each case:
+correctness against eager first, then forward and forward+backward timed with CUDA events (median
+of --reps after warm-up), with a random non-uniform upstream gradient. Reported: ms; for logits
+input the achieved bandwidth on the minimum traffic (forward reads the logits once: N*V*b bytes;
+forward+backward 3*N*V*b) as GB/s and as a share of a measured device-to-device copy; from hidden
+states TFLOPS on the useful 2NHV (fwd) / 6NHV (fwd+bwd) flops (the fused and chunked paths do 8NHV:
+they recompute the logits in backward); and the extra peak memory beyond the inputs, the output and
+the input gradients every provider must produce. A case that runs out of memory, or that would
+start after --budget_s, is skipped with a note.
 """
 import argparse
 import os

@@ -161,7 +161,8 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
         full = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + max_new_tokens)
         mask = attention_mask_4d(full, 1, full.shape[1])  # (B, 1, 1, T + max_new) or None
         if mask is not None:  # additive: SDPA converts a boolean mask on every call (same result)
-            mask = torch.zeros(mask.shape, dtype=cache.k[0].dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            zeros = torch.zeros(mask.shape, dtype=cache.k[0].dtype, device=mask.device)
+            mask = zeros.masked_fill_(~mask, float("-inf"))
         out = []
         for step in range(max_new_tokens):
             token = _next_token(logits, done, eos, pad, temperature, top_p, generator)
