@@ -9,7 +9,9 @@ gives its peak. (tracemalloc and ru_maxrss do not see torch's allocations reliab
 only sees Python's allocator, and RSS keeps freed pages.) "Extra" is that peak minus the outputs
 every implementation must return: logp (N floats), and in forward+backward the logits gradient.
 
-The one test that runs by default checks the GPU script's table logic at tiny shapes on the CPU.
+Two tests run by default: the GPU script's table logic at tiny shapes on the CPU, and the claims the
+README makes from the recorded H200 tables in bench/gpu.md. On a CUDA machine `-m bench` also runs
+the GPU script itself and checks the same claims on its fresh tables.
 """
 import os
 import time
@@ -141,3 +143,51 @@ def test_gpu_bench_script_smoke(tmp_path):
     for r in rows:
         assert float(r[3]) < 1e-4  # max abs diff vs eager
         assert float(r[4]) > 0 and float(r[7]) > 0  # fwd ms, fwd+bwd ms
+
+
+def fwd_bwd_ms(table: str) -> dict:
+    """{(N, V, impl): fwd+bwd ms} from bench_gpu's markdown tables; skipped and OOM rows left out."""
+    out = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 10 and cells[0].isdigit() and cells[7].replace(".", "").isdigit():
+            out[int(cells[0]), int(cells[1]), cells[2]] = float(cells[7])
+    return out
+
+
+def check_gpu_claims(table: str) -> None:
+    """What README and bench/gpu.md say of the GPU tables: the logits kernel beats eager at every shape,
+    and from hidden states the chunked path (the CUDA default) beats the fused kernel."""
+    ms = fwd_bwd_ms(table)
+    shapes = {(n, v) for n, v, _ in ms}
+    assert shapes, "no timed rows"
+    for n, v in shapes:
+        if (n, v, "triton") in ms:
+            assert ms[n, v, "triton"] < ms[n, v, "eager"], (n, v)
+        if (n, v, "chunked (cuBLAS + triton)") in ms:
+            assert ms[n, v, "chunked (cuBLAS + triton)"] < ms[n, v, "triton fused"], (n, v)
+
+
+def test_recorded_gpu_tables_hold_the_claims():
+    """bench/gpu.md, the H200 measurements the README quotes, still says what the README says."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu.md")
+    with open(path) as f:
+        table = f.read()
+    ms = fwd_bwd_ms(table)
+    assert {(n, v) for n, v, impl in ms if impl.startswith("chunked")} == {(4096, 32064), (4096, 152064),
+                                                                          (16384, 32064), (16384, 152064)}
+    check_gpu_claims(table)
+
+
+@pytest.mark.bench
+@pytest.mark.gpu
+def test_gpu_tables(tmp_path):
+    """On a CUDA machine `-m bench` also runs kernels/bench_gpu.py (~1-3 minutes), prints its tables and
+    checks the claims made from them."""
+    from kernels import bench_gpu
+
+    out = tmp_path / "gpu.md"
+    bench_gpu.main([f"--out={out}"])
+    table = out.read_text()
+    print(table)
+    check_gpu_claims(table)
