@@ -25,17 +25,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.logprobs import logprobs_bwd, logprobs_fwd
-from kernels.logprobs_ref import _empty
+from kernels.logprobs_ref import _empty, _row_chunks
 
 GPU_CHUNK_ELEMENTS = 1 << 28  # logits per chunk on the GPU: 512 MiB in bf16
 CPU_CHUNK_ELEMENTS = 1 << 12  # in the interpreter (tests): small, so test sizes cross chunk borders
 
 
 def _chunks(N: int, V: int, device: torch.device) -> list[slice]:
-    """Token chunks of C rows, C * V ~ the chunk size; C a multiple of 128 when that large (whole GEMM tiles)."""
-    rows = max(1, (GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS) // max(V, 1))
-    rows = rows - rows % 128 if rows >= 128 else rows
-    return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
+    """Token chunks of at most GPU_CHUNK_ELEMENTS logits (CPU_CHUNK_ELEMENTS in the interpreter)."""
+    elements = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    return [ts for _, ts in _row_chunks(1, N, V, elements)]
 
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):

@@ -72,9 +72,9 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, -3) if x.dim() > 3 else x
 
 
-def _row_chunks(B: int, T: int, V: int):
-    """(b, slice of t) pieces of at most CHUNK_ELEMENTS logits, in row order."""
-    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+def _row_chunks(B: int, T: int, V: int, elements: int | None = None):
+    """(b, slice of t) pieces of at most `elements` (default CHUNK_ELEMENTS) logits, in row order."""
+    rows = max(1, (elements or CHUNK_ELEMENTS) // max(V, 1))
     for b in range(B):
         for t0 in range(0, T, rows):
             yield b, slice(t0, min(t0 + rows, T))
