@@ -144,6 +144,26 @@ def test_chunked_prefill_equals_one_pass(pair):
                 torch.testing.assert_close(cache.v[layer][:, :, :T], v, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_with_a_cache_equals_the_training_path_exactly(pair):
+    """Prefill against a KVCache lets SDPA share each kv head among its query heads (enable_gqa); the
+    training path copies k/v per query head. Same fp32 numbers, bit for bit: with pads, in two chunks
+    (the second attending to the first through the cache / the functional past)."""
+    config, hf, ours = pair
+    text = ours.language_model.model
+    torch.manual_seed(0)
+    B, T, split = 3, 9, 5
+    x = torch.randn(B, T, text.config.hidden_size)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2], mask[2, :4] = 0, 0  # left padding
+    with torch.inference_mode():
+        cache = KVCache(text.config, B, T, torch.float32)
+        got1, _ = text(x[:, :split], mask[:, :split], past_key_values=cache, use_cache=True)
+        got2, _ = text(x[:, split:], mask, past_key_values=cache, use_cache=True)
+        want1, past = text(x[:, :split], mask[:, :split], use_cache=True)
+        want2, _ = text(x[:, split:], mask, past_key_values=past)
+    assert torch.equal(got1, want1) and torch.equal(got2, want2)
+
+
 def test_stops_when_every_sequence_is_done(pair):
     config, hf, ours = pair
     ids, mask, pix = hx.make_batch(config)
