@@ -112,11 +112,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5)  # (B, H_kv, rep, Dh)
         else:
             q = apply_rope(self.q_proj(x).view(B, T, self.n_head, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
-            # Generation's prefill (a KVCache) lets SDPA map query heads to kv heads (enable_gqa): no copy
-            # of k/v per query head, the same numbers in eager fp32, and ~2% of a generate() call saved.
+            # Generation's prefill (a KVCache) on CPU lets SDPA map query heads to kv heads (enable_gqa): no
+            # copy of k/v per query head, the same numbers in eager fp32, ~2% of a generate() call saved.
             # Training keeps the explicit copy: compiled in bf16, enable_gqa rounds differently, and every
-            # recorded result (bench/, README) would move with it.
-            gqa, kr, vr = isinstance(past, KVCache) and rep > 1, k, v
+            # recorded result (bench/, README) would move with it. Footgun: on CUDA, enable_gqa with a mask
+            # falls back to SDPA's math backend (the fused kernels reject it), so the copy stays there.
+            gqa = isinstance(past, KVCache) and rep > 1 and q.device.type == "cpu"
+            kr, vr = k, v
             if rep > 1 and not gqa:  # (B, H_kv, S, Dh) -> (B, H, S, Dh), each kv head serving `rep` query heads
                 kr = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
                 vr = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
