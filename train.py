@@ -496,32 +496,34 @@ def run_sft(cfg: TrainConfig) -> dict:
     # In deterministic mode it keeps the eager kernel (measured: identical weights twice; 500 steps 514 s, 541 before).
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log = open(os.path.join(tmp_dir, "log.jsonl"), "w")
-    bar = tqdm(range(cfg.sft_steps), desc="sft")
-    sizes = torch.tensor([len(b[0]) for b in blocks], dtype=torch.float)
-    for step in bar:
-        # A batch comes from one length block, blocks drawn by their size (every conversation equally likely).
-        k = int(torch.multinomial(sizes, 1, generator=gen))
-        rows_k, ids_k, tgt_k = blocks[k]
-        idx = torch.randint(len(rows_k), (cfg.sft_batch_size,), generator=gen)
-        pix = pixel_values[image_of[rows_k[idx]]]
-        if step < cfg.sft_warmup:
-            lr = cfg.sft_lr * (step + 1) / cfg.sft_warmup
-        else:
-            progress = (step - cfg.sft_warmup) / max(1, cfg.sft_steps - cfg.sft_warmup)
-            lr = cfg.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["scale"]
-        loss = step_fn(ids_k[idx].to(device), tgt_k[idx].to(device), pix.to(device))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm}) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    log.close()
-    torch.use_deterministic_algorithms(was_deterministic)
+    try:  # the mode is process-wide: put it back even if a step fails
+        gen = torch.Generator().manual_seed(cfg.seed)
+        log = open(os.path.join(tmp_dir, "log.jsonl"), "w")
+        bar = tqdm(range(cfg.sft_steps), desc="sft")
+        sizes = torch.tensor([len(b[0]) for b in blocks], dtype=torch.float)
+        for step in bar:
+            # A batch comes from one length block, blocks drawn by their size (every conversation equally likely).
+            k = int(torch.multinomial(sizes, 1, generator=gen))
+            rows_k, ids_k, tgt_k = blocks[k]
+            idx = torch.randint(len(rows_k), (cfg.sft_batch_size,), generator=gen)
+            pix = pixel_values[image_of[rows_k[idx]]]
+            if step < cfg.sft_warmup:
+                lr = cfg.sft_lr * (step + 1) / cfg.sft_warmup
+            else:
+                progress = (step - cfg.sft_warmup) / max(1, cfg.sft_steps - cfg.sft_warmup)
+                lr = cfg.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["scale"]
+            loss = step_fn(ids_k[idx].to(device), tgt_k[idx].to(device), pix.to(device))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm}) + "\n")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        log.close()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     train_seconds = time.time() - t0
 
     # 4. Save like any checkpoint, then measure greedy turn-1 accuracy on test.
