@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from scl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json_atomic
+from scl.files import load_checkpoint, save_checkpoint, write_json
 from scl.cli import parse_cli, to_json
 
 
@@ -215,7 +215,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if rank == 0:
-        write_json_atomic(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
     t0 = time.time()
 
     # 1. Pairs: encode, hold out a validation share, take the requested fraction (ablation).
@@ -238,7 +238,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     if ref is None or any(p["id"] not in ref for p in train + val):
         ref = reference_logps(model, train + val, tok.pad_token_id, device, cfg)
         if rank == 0:
-            write_json_atomic(ref_path, {"model": os.path.abspath(cfg.model), "pairs": os.path.abspath(cfg.pairs),
+            write_json(ref_path, {"model": os.path.abspath(cfg.model), "pairs": os.path.abspath(cfg.pairs),
                                          "logps": ref})
 
     # 3. Trainable parameters: LoRA adapters on the LLM's q/k/v (paper), or everything.
@@ -267,7 +267,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
             for p in params:
                 p.copy_(trainable[names[id(p)]])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"])
         start_step, nan_steps, best = state["step"], state["nan_steps"], state["best"]
         log0(rank, f"dpo: resumed at step {start_step}")
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -282,7 +282,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
 
     def save(tag, step):
         if rank == 0:
-            state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "step": step,
+            state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
                      "nan_steps": nan_steps, "best": best}
             save_checkpoint(os.path.join(ckpt_dir, tag), {names[id(p)]: p for p in params}, state)
 
@@ -397,7 +397,7 @@ def summarize_dpo(log_path, out_dir, n_train, n_val, n_skipped, seconds, **extra
             result[f"first/{name}"] = sum(r[name] for r in rows[:k]) / k
             result[f"last/{name}"] = sum(r[name] for r in rows[-k:]) / k
         plot_log(rows, os.path.join(out_dir, "dpo.png"))
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), result)
+    write_json(os.path.join(out_dir, "metrics.json"), result)
     return result
 
 
@@ -537,7 +537,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     acc = sum(r["turns"][0]["correct"] for r in records) / max(len(records), 1)
     result = {"test_accuracy": acc, "test_questions": len(records), "seconds": time.time() - t0,
               "train_seconds": train_seconds, "parameters": n_params, "config": sft_fingerprint(cfg)}
-    write_json_atomic(os.path.join(tmp_dir, "metrics.json"), result)
+    write_json(os.path.join(tmp_dir, "metrics.json"), result)
     import shutil
     shutil.rmtree(base_dir, ignore_errors=True)
     os.replace(tmp_dir, base_dir)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from scl.checkpoint import write_json_atomic
+from scl.files import write_json
 
 BASE_PRESETS = {
     # A tiny model of the real LLaVA architecture: CLIP-style tower (one 16-px patch per grid cell of
@@ -124,18 +124,18 @@ def blank_image(config):
 
 
 def preprocess_images(paths, proc, chunk=1024):
-    from PIL import Image
+    from scl.image import open_image
 
     out = []
     for i in range(0, len(paths), chunk):
-        out.append(proc([Image.open(p).convert("RGB") for p in paths[i:i + chunk]]))
+        out.append(proc([open_image(p) for p in paths[i:i + chunk]]))
     return torch.cat(out)  # (N, 3, S, S)
 
 
 def write_preprocessor_config(path, image_size):
     from scl.image import CLIP_MEAN, CLIP_STD
 
-    write_json_atomic(os.path.join(path, "preprocessor_config.json"), {
+    write_json(os.path.join(path, "preprocessor_config.json"), {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
@@ -162,5 +162,5 @@ def prepare_task(cfg, data_dir):
     splits = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct, n_test=cfg.n_test,
                              describe=cfg.sft_describe_first, misread=cfg.sft_review_misread,
                              review_fraction=cfg.sft_review_fraction)
-    write_json_atomic(manifest, want)
+    write_json(manifest, want)
     return splits["sft"]

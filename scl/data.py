@@ -16,7 +16,6 @@ of the option letters, a repeated id) never stops a run: it is returned in `skip
 """
 import base64
 import csv
-import io
 import json
 import os
 import re
@@ -24,9 +23,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from scl.image import to_rgb
+from scl.image import open_image
+from scl.prompts import LETTERS
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMATS = ("jsonl", "tsv", "scienceqa")
 
 
@@ -50,9 +49,7 @@ def _open_image(src, name):
     if isinstance(src, str) and not os.path.isfile(src):
         raise BadRow(f"image not found: {name}")
     try:
-        with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
-            im.load()  # decode now: a truncated or corrupt file raises here, not mid-training
-            return to_rgb(im)
+        return open_image(src)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadRow(f"corrupt image {name}: {type(e).__name__}: {e}") from None
 

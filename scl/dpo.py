@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import linear_token_logprobs
+from scl.image import open_image
 from scl.tokenizer import render_chat
 
 
@@ -81,8 +82,6 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
     each skipped row is {"line", "reason"}: a malformed row, an unreadable image or a SkipPair (DESIGN §7).
     Image paths are relative to the file.
     """
-    from PIL import Image
-
     base = os.path.dirname(os.path.abspath(path))
     pairs, skipped = [], []
     with open(path) as f:
@@ -90,7 +89,7 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
             try:
                 row = json.loads(line)
                 try:
-                    image = Image.open(os.path.join(base, row["image"])).convert("RGB")
+                    image = open_image(os.path.join(base, row["image"]))
                 except (OSError, ValueError) as e:
                     raise SkipPair(f"image {row['image']!r} unreadable: {e.__class__.__name__}")
                 enc = encode_pair(tok, row["prompt"], row["chosen"], row["rejected"], num_image_tokens, max_length)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from scl.checkpoint import write_json_atomic
+from scl.files import write_json
 from scl.data import load_rows
 from scl.selfcorrect import load_model_dir, resolve_device, round_types, rollout
 
@@ -203,7 +203,7 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     t0 = time.time()
     device = torch.device(resolve_device(cfg.device))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     try:
         rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)
     except FileNotFoundError as e:
@@ -225,7 +225,7 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     out = {**metrics, "skipped": len(skipped), "seconds": time.time() - t0}
     if comparison:
         out.update(comparison=comparison, p_value=comparison["p_value"])
-    write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), out)
+    write_json(os.path.join(cfg.out_dir, "metrics.json"), out)
     plot_rounds(metrics, os.path.join(cfg.out_dir, "eval.png"))
     with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
         f.write(report_markdown(metrics, comparison))

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from scl.checkpoint import write_json_atomic
+from scl.files import write_json
 
 
 def _same(path: str, fingerprint: dict) -> bool:
@@ -64,7 +64,7 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
         stages["dpo"] = json.load(open(os.path.join(dpo_dir, "metrics.json")))
     else:
         stages["dpo"] = run_dpo(dpo_cfg)
-        write_json_atomic(os.path.join(dpo_dir, "stage.json"), {"fingerprint": dpo_print})
+        write_json(os.path.join(dpo_dir, "stage.json"), {"fingerprint": dpo_print})
     stages["dpo"]["stage_seconds"] = time.time() - t
 
     # 4. Base vs SCL on test: single turn, every review prompt, the K-round curve, McNemar.
@@ -82,12 +82,12 @@ def run_experiment(cfg, run_sft, run_dpo) -> dict:
         stages["eval"] = json.load(open(os.path.join(ev.out_dir, "metrics.json")))
     else:
         stages["eval"] = run_eval(ev)
-        write_json_atomic(os.path.join(ev.out_dir, "stage.json"), {"fingerprint": ev_print})
+        write_json(os.path.join(ev.out_dir, "stage.json"), {"fingerprint": ev_print})
     stages["eval"]["stage_seconds"] = time.time() - t
 
     # 5. The results: one table on the terminal and in report.md, the numbers in metrics.json.
     result = summarize(stages, time.time() - t0)
-    write_json_atomic(os.path.join(out, "metrics.json"), result)
+    write_json(os.path.join(out, "metrics.json"), result)
     text = report(result, stages)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

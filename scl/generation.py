@@ -9,12 +9,8 @@ Prompts are left-padded (B, T) with an attention mask, so every sequence's next 
 Once a sequence emits EOS its later positions are `pad_token_id`; they are still fed to the model
 (masked in, as transformers does) so that finished and running rows share one batched step.
 """
-import contextlib
-import functools
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from scl.llm import KVCache, attention_mask_4d
 
@@ -70,56 +66,6 @@ def decode_one(model, tokens, position_ids, mask, cache: KVCache) -> torch.Tenso
     return last_logits(model, h[:, -1])
 
 
-# ------------------------------------------------------- CPU fast path: weights read as (in, out)
-TRANSPOSED_MAX_BYTES = 1 << 30  # no copies beyond this (a 7B model would double its memory)
-TRANSPOSED_MAX_ROWS = 16  # no copies for larger batches (see transposed_linears)
-
-
-def _linear_t(weight, weight_t, bias, x):
-    """F.linear(x, weight, bias), reading weight_t = weight.T (contiguous) when x has 4 or more rows."""
-    if x.numel() < 4 * x.shape[-1]:  # 1-3 rows: keep F.linear's exact numbers (batch-1 parity with transformers)
-        return F.linear(x, weight, bias)
-    if bias is None:
-        return torch.matmul(x, weight_t)  # (..., in) @ (in, out): one mm over the flattened rows
-    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight_t).view(*x.shape[:-1], -1)
-
-
-def _transposed(m: nn.Linear) -> torch.Tensor:
-    """m.weight.T, copied afresh into a buffer kept on the module (warm memory: ~2x cheaper than new)."""
-    buf = m.__dict__.get("_weight_t")
-    if buf is None or buf.shape != m.weight.shape[::-1]:
-        buf = m.__dict__["_weight_t"] = torch.empty(m.weight.shape[::-1], dtype=m.weight.dtype)
-    buf.t().copy_(m.weight.detach())  # written through its transposed view: reads W in order, 1.5x faster
-    return buf
-
-
-@contextlib.contextmanager
-def transposed_linears(model, rows: int):
-    """While inside, each fp32 CPU nn.Linear of the text model reads a contiguous copy of W.T, if the
-    batch that decode steps multiply by every weight has `rows` <= TRANSPOSED_MAX_ROWS.
-
-    Why: MKL's fp32 product of a few rows runs ~1.2-1.35x faster on the (in, out) layout than on
-    nn.Linear's (out, in) (bench/cpu.md); from 32 rows on the two are within ~5%. The sums are
-    F.linear's up to fp32 rounding: with this machine's MKL bit-identical for 4, 8 and 12 or more rows,
-    within 1e-6 for 5-7 and 9-11 (tests/test_generation.py); 1-3 rows keep F.linear. The copies cost
-    the text model's linear weights once more in memory, kept on the modules between calls and
-    refreshed from the weights on every call (~1.5% of a short call), so they are never stale; none
-    are made on a GPU, for other dtypes, or beyond TRANSPOSED_MAX_BYTES. Each module gets an instance
-    `forward` that shadows nn.Linear's while inside; leaving removes it.
-    """
-    mods = [m for m in model.language_model.model.modules() if type(m) is nn.Linear  # not LoRALinear; the
-            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]  # head is F.linear'd
-    if rows > TRANSPOSED_MAX_ROWS or sum(m.weight.numel() * 4 for m in mods) > TRANSPOSED_MAX_BYTES:
-        mods = []
-    for m in mods:
-        m.forward = functools.partial(_linear_t, m.weight, _transposed(m), m.bias)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
-
-
 # -------------------------------------------------------------------- the loop, shared bookkeeping
 def _setup(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
     if input_ids.dim() != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
@@ -151,7 +97,7 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
     """Left-padded prompts (B, T) -> new tokens (B, T_new), T_new <= max_new_tokens; EOS kept, then pads."""
     eos, pad, done = _setup(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     B, T = input_ids.shape
-    with torch.inference_mode(), transposed_linears(model, B):  # no autograd bookkeeping: steps are many, tiny
+    with torch.inference_mode():  # no autograd bookkeeping: steps are many, tiny
         cache = KVCache(model.config.text_config, B, T + max_new_tokens, model.lm_head_weight.dtype,
                         input_ids.device)
         logits = prefill(model, input_ids, attention_mask, pixel_values, cache)

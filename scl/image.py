@@ -9,6 +9,7 @@ Optional LLaVA pad-to-square first: the original LLaVA-1.5 (`image_aspect_ratio:
 image on a square of the mean colour, so nothing is cropped away; the HF port crops unless asked.
 tests/test_image.py checks equality (<= 1e-5) against transformers' PIL backend (torchvision absent).
 """
+import io
 import json
 import math
 import os
@@ -21,6 +22,15 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
+
+
+def open_image(src):
+    """A path or bytes -> a fully decoded RGB image: the one way every stage opens an image, so the
+    pixels a model is trained on are the pixels it answered about. Decoding happens here, so a
+    truncated or corrupt file fails now (OSError and friends), not halfway through a batch."""
+    with Image.open(src if isinstance(src, (str, os.PathLike)) else io.BytesIO(src)) as im:
+        im.load()
+        return to_rgb(im)
 
 
 def to_rgb(image):

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from scl.answers import extract_answer
-from scl.checkpoint import write_json_atomic
+from scl.files import atomic_write, read_jsonl, write_json, write_jsonl
 from scl.data import load_rows
 from scl.generation import generate
 from scl.image import ImageProcessor
@@ -217,27 +217,6 @@ def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, t
 
 # ---------------------------------------------------------------------------- files and resume
 
-def read_jsonl(path: str) -> list[dict]:
-    """Lines of a JSONL file we wrote; a line cut short by a crash is dropped (and redone)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
-def write_jsonl(path: str, items: list[dict]) -> None:
-    """Whole file, atomically (temp name, then rename): a crash leaves the old file or the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in items)
-    os.replace(path + ".tmp", path)
-
-
 def _check_resume(cfg: GenerateConfig) -> None:
     """Records already in out_dir must come from the same settings, or one file would mix two runs."""
     path, done = os.path.join(cfg.out_dir, "config.json"), os.path.join(cfg.out_dir, "responses.jsonl")
@@ -259,8 +238,7 @@ def _image_file(row, out_dir: str) -> str:
     path = os.path.join(out_dir, "images", name + ".png")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        row.image.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        atomic_write(path, lambda tmp: row.image.save(tmp, format="PNG"))
     return path
 
 
@@ -313,7 +291,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
                          f"image_token_index {model.config.image_token_index} in config.json")
     os.makedirs(cfg.out_dir, exist_ok=True)
     _check_resume(cfg)
-    write_json_atomic(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     out = {name: os.path.join(cfg.out_dir, name + ".jsonl") for name in ("responses", "selfcorset", "skipped")}
 
     rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)  # bad rows come back skipped
@@ -355,5 +333,5 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
     summary = {**summarize(records, skipped + too_long), "seconds": round(time.time() - start, 2),
                "generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / seconds, 2),
                "config": dataclasses.asdict(cfg)}  # seconds and tokens: this invocation's work only
-    write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary

@@ -37,6 +37,9 @@ from collections import Counter
 
 from PIL import Image, ImageDraw
 
+from scl.files import write_jsonl
+from scl.prompts import LETTERS, REVIEW_PROMPTS
+
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
@@ -46,8 +49,8 @@ CELLS = ("top-left", "top-middle", "top-right", "middle-left", "centre", "middle
 DIRECTIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 FAMILIES = ("count_colour", "count_shape", "colour_at", "shape_at", "largest", "most_common",
             "relation", "arithmetic")
-LETTERS = "ABCD"
-REVIEW_PROMPTS = ("cp", "vp1", "vp2", "vp3")  # DESIGN §1.2
+CHOICES = LETTERS[:4]  # every question has four options
+REVIEWS = tuple(REVIEW_PROMPTS)  # cp, vp1, vp2, vp3
 RGB = {"red": (220, 38, 38), "green": (22, 163, 74), "blue": (37, 99, 235), "yellow": (234, 179, 8)}
 BACKGROUND = (245, 245, 245)
 
@@ -295,7 +298,7 @@ def build_split(seed, split, n, exclude=()):
     exactly (up to n mod 8 and n mod 4). Rows whose content key is in `exclude` are drawn again."""
     rng = random.Random(f"scl-task/{seed}/{split}")  # a str seed is hashed with sha512: stable
     families = [FAMILIES[k % len(FAMILIES)] for k in range(n)]
-    letters = [LETTERS[k % 4] for k in range(n)]
+    letters = [CHOICES[k % len(CHOICES)] for k in range(n)]
     rng.shuffle(families)
     rng.shuffle(letters)
     seen, rows = set(exclude), []
@@ -334,11 +337,11 @@ def conversation(row, rng, review_fraction=0.25, turn1_message=None, review_mess
                 {"role": "assistant", "content": answer}]
     if rng.random() < review_fraction:
         if rng.random() < misread:
-            wrong = rng.choice([x for x in LETTERS if x != row["answer"]])
+            wrong = rng.choice([x for x in CHOICES if x != row["answer"]])
             slip = response(row["scene"], row, wrong)  # steps that fit another scene: a reasoning slip
             messages[1] = {"role": "assistant", "content": f"{caption(row['scene'])} {slip}" if describe else slip,
                            "train": False}
-        messages += [{"role": "user", "content": review_message(rng.choice(REVIEW_PROMPTS))},
+        messages += [{"role": "user", "content": review_message(rng.choice(REVIEWS))},
                      {"role": "assistant", "content": answer}]
     return messages
 
@@ -355,14 +358,11 @@ def write_task(out_dir, seed=0, n_sft=20000, n_construct=2000, n_test=1000, cell
         rows = build_split(seed, split, n, exclude=seen)
         seen.update(content_key(r["scene"], r["question"]) for r in rows)
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
-        tmp = os.path.join(out_dir, f"{split}.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                render(row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
-                if split == "sft":
-                    row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message,
-                                                      describe, misread)
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, os.path.join(out_dir, f"{split}.jsonl"))  # a complete file or none
+        for row in rows:
+            render(row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
+            if split == "sft":
+                row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message,
+                                               describe, misread)
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)  # a complete file or none
         splits[split] = rows
     return splits

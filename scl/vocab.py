@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from scl.task import REVIEW_PROMPTS
+from scl.prompts import REVIEW_PROMPTS
 
 # ---------------------------------------------------------------------------- tokenizer
 # A small BPE over the task's own text. Pre-tokenizer: newlines and . , ? stand alone (so the value

@@ -11,7 +11,6 @@ weights is the worst failure a loader can have.
 `save_vlm` writes layout (a), the one every llava-hf repo uses and transformers >= 4.52 loads.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scl.config import ConfigError, VLMConfig
+from scl.files import atomic_write, write_json
 from scl.vlm import VLM
 
 
@@ -132,21 +132,6 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
 
 
 # -------------------------------------------------------------------- saving
-def _atomic(target: Path, write) -> None:
-    """write(tmp_path), then rename over target: a crash never leaves a half-written file under the real name."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(target: Path, obj: dict) -> None:
-    _atomic(target, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
-
-
 def save_vlm(model: VLM, path) -> None:
     """Write `model` as a Hub-layout (a) folder: model.safetensors, config.json, generation_config.json.
 
@@ -156,14 +141,14 @@ def save_vlm(model: VLM, path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(tensors.values())).dtype
-    _atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     stale = path / "model.safetensors.index.json"
     if stale.exists():  # an older sharded save here would shadow the file just written
         stale.unlink()
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
-    _write_json(path / "config.json", config)
+    write_json(path / "config.json", config)
     text = model.config.text_config
     gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
-    _write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})

@@ -5,7 +5,8 @@ an empty cell). It lives with the tests because it is their oracle, not part of 
 import re
 from collections import Counter
 
-from scl.task import CELLS, LETTERS
+from scl.prompts import LETTERS
+from scl.task import CELLS
 
 _ANSWERS = [
     (r"How many shapes are there in total minus the (\w+) ones\?",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import hf_fixtures as hx
 import scl.generation as generation
-from scl.generation import generate, generate_ref, prefill, sample, transposed_linears
+from scl.generation import generate, generate_ref, prefill, sample
 from scl.llm import KVCache
 from scl.weights import load_vlm
 
@@ -54,51 +54,12 @@ def test_greedy_matches_transformers_generate_with_per_sequence_eos(pair):
 
 
 def test_greedy_batch_of_five_matches_transformers_and_recompute(pair):
-    """Five rows: decode steps multiply >= 4 rows, so they take the transposed-weight CPU path."""
     config, hf, ours = pair
     ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 1), (2, 0), (0, 4), (4, 2)))
     kw = dict(max_new_tokens=NEW, eos_token_id=None, pad_token_id=config.pad_token_id)
     got = generate(ours, ids, mask, pix, **kw)
     torch.testing.assert_close(got, hf_generate(hf, ids, mask, pix, eos=None, pad=config.pad_token_id), atol=0, rtol=0)
     torch.testing.assert_close(got, generate_ref(ours, ids, mask, pix, **kw), atol=0, rtol=0)
-
-
-def test_transposed_linears_give_f_linear_numbers_and_leave_no_trace(pair, monkeypatch):
-    config, hf, ours = pair
-    attn, mlp = ours.language_model.model.layers[0].self_attn, ours.language_model.model.layers[0].mlp
-    mods = [attn.q_proj, attn.o_proj, mlp.down_proj]  # q_proj has a bias in Qwen2, none in Llama
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(b, t, m.in_features, generator=g) for m in mods for b, t in ((1, 1), (3, 1), (4, 1), (5, 1),
-                                                                                  (8, 1), (2, 9), (1, 64))]
-    with torch.inference_mode():
-        want = [m(x) for m in mods for x in xs if x.shape[-1] == m.in_features]
-        with transposed_linears(ours, rows=8):
-            assert all("forward" in m.__dict__ for m in mods)
-            got = [m(x) for m in mods for x in xs if x.shape[-1] == m.in_features]
-        assert len(got) == len(want)
-        for a, b in zip(got, want):
-            rows = a.numel() // a.shape[-1]
-            if rows < 4 or rows in (4, 8) or rows >= 12:  # F.linear itself; or MKL sums alike (measured here)
-                assert torch.equal(a, b), rows
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # 5-7, 9-11 rows: another summation order
-        assert not any("forward" in m.__dict__ for m in ours.modules())  # nn.Linear's own forward again
-        with pytest.raises(RuntimeError, match="boom"), transposed_linears(ours, rows=8):
-            raise RuntimeError("boom")
-        assert not any("forward" in m.__dict__ for m in ours.modules())
-        # The copies stay on the modules between calls but are refreshed on entry: an in-place update
-        # that leaves no trace in the version counter (fused AdamW does that) is still seen.
-        x, w = torch.randn(1, 64, mods[0].in_features, generator=g), mods[0].weight
-        before = mods[0](x)
-        w.mul_(2)
-        with transposed_linears(ours, rows=8):
-            after = mods[0](x)
-        w.div_(2)
-        assert not torch.equal(after, before) and torch.equal(after, F.linear(x, 2 * w, mods[0].bias))
-        with transposed_linears(ours, rows=generation.TRANSPOSED_MAX_ROWS + 1):  # a batch too large to gain
-            assert not any("forward" in m.__dict__ for m in ours.modules())
-        monkeypatch.setattr(generation, "TRANSPOSED_MAX_BYTES", 0)  # a model too large for a second copy
-        with transposed_linears(ours, rows=8):
-            assert not any("forward" in m.__dict__ for m in ours.modules())
 
 
 def test_cache_equals_recompute_greedy(pair):
@@ -144,9 +105,9 @@ def test_chunked_prefill_equals_one_pass(pair):
                 torch.testing.assert_close(cache.v[layer][:, :, :T], v, atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_with_a_cache_equals_the_training_path_exactly(pair):
+def test_prefill_with_a_cache_equals_the_training_path(pair):
     """Prefill against a KVCache lets SDPA share each kv head among its query heads (enable_gqa); the
-    training path copies k/v per query head. Same fp32 numbers, bit for bit: with pads, in two chunks
+    training path copies k/v per query head. Same numbers up to fp32 rounding: with pads, in two chunks
     (the second attending to the first through the cache / the functional past)."""
     config, hf, ours = pair
     text = ours.language_model.model
@@ -161,7 +122,8 @@ def test_prefill_with_a_cache_equals_the_training_path_exactly(pair):
         got2, _ = text(x[:, split:], mask, past_key_values=cache, use_cache=True)
         want1, past = text(x[:, :split], mask[:, :split], use_cache=True)
         want2, _ = text(x[:, split:], mask, past_key_values=past)
-    assert torch.equal(got1, want1) and torch.equal(got2, want2)
+    torch.testing.assert_close(got1, want1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got2, want2, atol=1e-5, rtol=1e-5)
 
 
 def test_stops_when_every_sequence_is_done(pair):

@@ -181,7 +181,7 @@ def test_sft_conversations_follow_the_protocol(written):
         # issue 7: the trained answer after a review is always the correct one, the single-turn target;
         # the first answer is context: correct (and trained), or (with misread > 0) a slip never trained
         reviews += 1
-        assert m[2]["content"] in [review_message(n) for n in task.REVIEW_PROMPTS]
+        assert m[2]["content"] in [review_message(n) for n in task.REVIEWS]
         assert m[3]["content"] == task.response(r["scene"], r) and "train" not in m[3]
         if m[1].get("train", True):
             assert m[1]["content"] == m[3]["content"]

@@ -1,0 +1,122 @@
+"""What stages write and read back: atomic writes, JSON Lines, content fingerprints, training checkpoints.
+
+Every file or folder a stage produces is written under a temporary name and renamed into place, so a
+crash leaves the old version or the new one, never half of one. A stage that reuses earlier output
+first compares a fingerprint of that output's inputs: a hash of their *contents* (weights, data,
+settings), so a changed base model redoes everything made from it even when its path is the same.
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str, write) -> None:
+    """write(tmp) creates a file or a folder at `tmp`; it then replaces `path` in one rename."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if os.path.isdir(path) and not os.path.islink(path):  # a folder cannot be renamed over: move it aside
+            old = f"{path}.old{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str, items) -> None:
+    write_text(path, "".join(json.dumps(x) + "\n" for x in items))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Lines of a JSONL file we wrote; a last line cut short by a crash is dropped (its work is redone)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def read_json(path: str):
+    """The JSON object in `path`, or None when there is no such file or it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+               "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def _hash_file(h, path: str) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+def fingerprint(settings=None, files=(), models=()) -> str:
+    """sha256 of some settings (anything JSON can write) and the contents of `files` and of the
+    weight, config and tokenizer files of each model folder in `models`. Paths and times are not part
+    of it: the same bytes give the same fingerprint wherever they lie."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in files:
+        h.update(b"\0file\0")
+        _hash_file(h, path)
+    for folder in models:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") or n in MODEL_FILES
+                       or n == "model.safetensors.index.json")
+        for name in names:
+            h.update(f"\0{name}\0".encode())
+            _hash_file(h, os.path.join(folder, name))
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+# A folder holding trainable.safetensors (only what trains: LoRA adapters, or every weight) and
+# state.pt (optimizer, step, RNG, counters). state.pt is our own file, read with weights_only=True
+# all the same: nothing here ever unpickles arbitrary objects.
+
+def save_checkpoint(path: str, trainable: dict, state: dict) -> None:
+    def write(tmp):
+        os.makedirs(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict]:
+    trainable = load_file(os.path.join(path, "trainable.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu")
+    return trainable, state
