@@ -1,4 +1,4 @@
-"""Self-correction rollouts and the SelfCorSet preference pairs (paper §2–3, DESIGN §6).
+"""Self-correction rollouts and the SelfCorSet preference pairs.
 
     python generate.py --model=DIR --data=FILE --out_dir=DIR [--prompt=vp2] [--rounds=2] [--samples=1]
                        [--limit=N] [--batch_size=8] [--temperature=0] [--top_p=1] [--seed=0] [--format=...]
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(to_json(cfg), flush=True)
     try:
         summary = run_generate(cfg)
-    except (OSError, ValueError) as e:  # missing files, broken checkpoints, a changed resume: one line (DESIGN §7)
+    except (OSError, ValueError) as e:  # missing files, broken checkpoints, bad flags: one line, no traceback
         sys.exit(f"error: {e}")
     print(json.dumps({k: summary[k] for k in ("rollouts", "accuracy", "unparsed", "types", "pairs", "skipped",
                                               "seconds", "tokens_per_s")}, indent=2))

@@ -1,4 +1,4 @@
-"""Per-token log-probabilities for DPO scoring (DESIGN §3): the one entry point the project calls.
+"""Per-token log-probabilities for DPO scoring: the one entry point the project calls.
 
     token_logprobs(logits, targets)                 logits (N, V) or (B, T, V) -> (N,) or (B, T) fp32
     linear_token_logprobs(hidden, weight, targets)  hidden (N, H), lm_head weight (V, H) -> (N,) fp32
@@ -74,7 +74,7 @@ def linear_token_logprobs(hidden, weight, targets, ignore_index: int = -100, imp
     """log softmax(hidden @ weight.T)[target] per token without materializing the (N, V) logits.
 
     Args:
-        hidden: (N, H) float hidden states; drop prompt/image tokens first (DESIGN §3).
+        hidden: (N, H) float hidden states; drop prompt/image tokens first (only responses are scored).
         weight: (V, H) lm_head weight, same dtype and device as hidden.
         targets: (N,) int32/int64; `ignore_index` tokens give 0 and 0 gradient.
         impl: None ("chunked" on CUDA, else "ref"), "ref", "chunked" (cuBLAS products and the Triton

@@ -9,7 +9,7 @@ without ever materializing the (N, V) logits.
 
 Why fuse. At N = 16384 tokens and a 152k vocab the bf16 logits alone are 5 GB and eager's fp32
 log_softmax another 10 GB; DPO needs only N numbers. This op is compute bound (2NHV flops forward,
-arithmetic intensity ~16,000 flop/byte, research/kernels.md §5.2), so fusion buys memory, O(N + V)
+arithmetic intensity ~16,000 flop/byte at H = 4096), so fusion buys memory, O(N + V)
 beyond the gradients, at about the speed of the GEMMs it contains; it cannot be much faster.
 
 Forward: a grid of (token block, vocab split). Each program computes (BLOCK_N, BLOCK_V) logit tiles
@@ -23,7 +23,7 @@ saved and each (token block, vocab tile) program recomputes its logit tile (8NHV
 CCE-style: Wijmans et al. 2024, arXiv:2411.09009), forms dz in fp32 (true-class term before any
 rounding), and adds dz @ W_tile into dh and dz.T @ h_block into dW with fp32 atomics. The two
 gradients are fp32 buffers (converted to the inputs' dtype at the end): many programs add into
-each row, and a bf16 accumulator would drift (research/kernels.md §1.5). Atomic order varies on
+each row, and a bf16 accumulator would lose the small additions. Atomic order varies on
 the GPU, so dh and dW can differ in the last fp32 bits between runs (the interpreter is serial).
 Tiles are visited in groups of GROUP_N token blocks so that concurrent programs spread their atomics
 over several dh and dW rows instead of all hitting one (as in the Triton matmul tutorial).

@@ -14,7 +14,7 @@ Memory traffic (b bytes per logit, 2 for bf16) is the whole cost of this bandwid
 - here: forward reads each row once, keeping a running max m and a rescaled sum d in fp32 (online
   softmax, Milakov & Gimelshein 2018, arXiv:1805.02867, Alg. 3) and saves lse, 4 bytes per *row*;
   backward reads z once more and writes dz: 3b bytes per logit (6 for bf16), the minimum for a
-  backward that cannot start before DPO knows g (research/kernels.md §5.1).
+  backward that cannot start before DPO knows g.
 
 Forward: one program per row, a loop over vocab blocks. Backward: a (row, vocab block) grid, each
 program independent. Row offsets are int64: n * stride passes 2^31 at N*V > 2.1e9 (triton#1058).

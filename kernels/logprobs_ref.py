@@ -2,7 +2,7 @@
 
     logp[n] = z[n, y_n] - logsumexp_v z[n, v]          (0 where y_n == ignore_index)
 
-DPO scores a response by summing these over its tokens (DESIGN §1, §3). With an upstream gradient
+DPO scores a response by summing these over its tokens. With an upstream gradient
 g[n] (non-uniform in DPO: each sequence's tokens get that pair's sigmoid weight) the gradient is
 
     dz[n, v] = g[n] * (onehot(y_n)[v] - softmax(z[n])[v]),  softmax(z[n])[v] = exp(z[n, v] - lse[n])

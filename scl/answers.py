@@ -1,4 +1,4 @@
-"""The one answer extractor: response text -> option letter or None (DESIGN §1.3, paper.md §2.5).
+"""The one answer extractor: response text -> option letter or None.
 
 Used unchanged by generation, SelfCorSet construction and evaluation, so "correct" means the same
 thing everywhere. The cascade, in order; the first stage that finds an answer decides:
@@ -54,7 +54,7 @@ def _letter(m, n_options, rest_needs_separator):
     if rest_needs_separator and rest and not m.group("close") and rest[0] not in ".:-":
         return None
     if not "A" <= letter.upper() <= chr(ord("A") + n_options - 1):
-        return None  # not one of the options (paper.md §2.5: their code only knew A-D)
+        return None  # not one of the options
     return letter.upper()
 
 

@@ -1,17 +1,23 @@
-"""The built-in base model (DESIGN §5): its sizes, its init, and the SFT data as padded tensor blocks.
+"""The built-in base model: its sizes, its init, its SFT data as padded tensor blocks, its optimizer.
 
 The model is the real LLaVA architecture at toy size: a CLIP-style tower whose 16-px patches are the
 task's grid cells (48-px scenes -> 9 image tokens), the 2-layer projector, a Llama decoder with GQA.
-It is saved with save_vlm, so every later stage loads it exactly like a downloaded checkpoint.
+train.py saves it with save_vlm, so every later stage loads it exactly like a downloaded checkpoint.
 """
-import json
+import math
 import os
 
 import torch
 
-from scl.files import write_json
+from scl import task, vocab
+from scl.config import VLMConfig
+from scl.files import read_json, read_jsonl, write_json
+from scl.image import CLIP_MEAN, CLIP_STD, ImageProcessor, open_image
+from scl.tokenizer import Tokenizer, render_chat
+from scl.vlm import VLM
+from scl.weights import save_processor
 
-BASE_PRESETS = {
+PRESETS = {
     # A tiny model of the real LLaVA architecture: CLIP-style tower (one 16-px patch per grid cell of
     # the task's 48-px scenes, so 9 image tokens), the 2-layer projector, a Llama decoder.
     "tiny": dict(vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
@@ -25,9 +31,7 @@ BASE_PRESETS = {
 
 
 def base_config(preset: str, tok, image_size=48, patch_size=16):
-    from scl.config import VLMConfig
-
-    p = BASE_PRESETS[preset]
+    p = PRESETS[preset]
     return VLMConfig.from_dict({
         "model_type": "llava", "image_token_index": tok.image_token_id, "pad_token_id": tok.pad_token_id,
         "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
@@ -94,8 +98,6 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=6):
     the block lengths that waste least on padding (measured on the built-in task: 113 padded tokens per
     conversation with 6 blocks, 180 with 2 equal-count ones; 103 unpadded). Returns a list of
     (row indices, input_ids, targets)."""
-    from scl.tokenizer import render_chat
-
     encoded = [render_chat(tok, c, num_image_tokens, train_turns=[k for k, m in enumerate(
         m for m in c if m["role"] == "assistant") if m.get("train", True)]) for c in conversations]
     blocks, low = [], 0
@@ -114,18 +116,7 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=6):
     return blocks
 
 
-def blank_image(config):
-    """An empty scene (background only): the text-only baseline's image."""
-    from PIL import Image
-    from scl.task import BACKGROUND
-
-    side = config.vision_config.image_size
-    return Image.new("RGB", (side, side), BACKGROUND)
-
-
 def preprocess_images(paths, proc, chunk=1024):
-    from scl.image import open_image
-
     out = []
     for i in range(0, len(paths), chunk):
         out.append(proc([open_image(p) for p in paths[i:i + chunk]]))
@@ -133,8 +124,6 @@ def preprocess_images(paths, proc, chunk=1024):
 
 
 def write_preprocessor_config(path, image_size):
-    from scl.image import CLIP_MEAN, CLIP_STD
-
     write_json(os.path.join(path, "preprocessor_config.json"), {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
@@ -142,25 +131,56 @@ def write_preprocessor_config(path, image_size):
         "resample": 3, "do_convert_rgb": True})
 
 
-def sft_fingerprint(cfg):
-    keys = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_size", "sft_lr", "sft_warmup",
-            "model_preset", "sft_vision_lr_scale", "sft_describe_first", "sft_review_fraction", "sft_review_misread",
-            "sft_blank_images")
-    return {k: getattr(cfg, k) for k in keys}
+def prepare_sft(cfg, data_dir, model_dir):
+    """Everything the SFT loop needs, from the run's settings: the task's files in data_dir (written once
+    per setting), a tokenizer trained on their text and a freshly initialised model (its tokenizer and
+    processor files in model_dir), the SFT conversations as padded blocks, every image preprocessed once.
+    Returns (model, blocks, pixel_values (N_img, 3, S, S), image_of (N_conv,): conversation -> image row)."""
+    want = {k: getattr(cfg, k) for k in ("seed", "n_sft", "n_construct", "n_test", "sft_review_fraction",
+                                         "blank_images")}
+    if read_json(os.path.join(data_dir, "task.json")) == want:
+        rows = read_jsonl(os.path.join(data_dir, "sft.jsonl"))
+    else:
+        rows = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct,
+                               n_test=cfg.n_test, review_fraction=cfg.sft_review_fraction,
+                               blank=cfg.blank_images)["sft"]
+        write_json(os.path.join(data_dir, "task.json"), want)
+    conversations = [r["messages"] for r in rows]
+    texts = [m["content"] for c in conversations for m in c] + [o for r in rows for o in r["options"]]
+    vocab.train_tokenizer(texts, model_dir, whole_tokens=vocab.protocol_sentences())  # protocol sentences: 1 token
+    tok = Tokenizer.from_dir(model_dir)
+    model = VLM(base_config(cfg.model_preset, tok))
+    init_weights(model)
+    write_preprocessor_config(model_dir, model.config.vision_config.image_size)
+    save_processor(model_dir, model.config)  # what transformers' AutoProcessor reads
+    proc = ImageProcessor.from_dir(model_dir)
+    blocks = encode_conversations(conversations, tok, model.config.num_image_tokens)
+    unique = sorted({r["image"] for r in rows})
+    pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)
+    position = {p: i for i, p in enumerate(unique)}
+    image_of = torch.tensor([position[r["image"]] for r in rows])
+    print(f"sft: {len(rows)} conversations in blocks of {[b[1].shape[1] for b in blocks]} tokens")
+    return model, blocks, pixel_values, image_of
 
 
-def prepare_task(cfg, data_dir):
-    """The built-in task's files, written once per (seed, sizes) and reused after."""
-    from scl import task
+# Footgun: the decoder's RMSNorm makes the image features' scale free, and Adam's steps at a text-sized lr
+# grow it ~250x in 50 steps; their gradients then shrink as 1/scale and the tower stops learning (feature
+# norm 0.6 -> 150, patch-embedding gradient 3.4 -> 1e-4). A tenth of the lr there keeps the scale ~2.
+VISION_LR_SCALE = 0.1
 
-    manifest = os.path.join(data_dir, "task.json")
-    want = {"seed": cfg.seed, "n_sft": cfg.n_sft, "n_construct": cfg.n_construct, "n_test": cfg.n_test,
-            "describe": cfg.sft_describe_first, "review_fraction": cfg.sft_review_fraction,
-            "misread": cfg.sft_review_misread}
-    if os.path.exists(manifest) and json.load(open(manifest)) == want:
-        return [json.loads(line) for line in open(os.path.join(data_dir, "sft.jsonl"))]
-    splits = task.write_task(data_dir, seed=cfg.seed, n_sft=cfg.n_sft, n_construct=cfg.n_construct, n_test=cfg.n_test,
-                             describe=cfg.sft_describe_first, misread=cfg.sft_review_misread,
-                             review_fraction=cfg.sft_review_fraction)
-    write_json(manifest, want)
-    return splits["sft"]
+
+def sft_optimizer(model, lr):
+    """AdamW with the vision tower and projector at VISION_LR_SCALE times the lr ("scale" of each group)."""
+    vision = ("vision_tower.", "multi_modal_projector.")
+    return torch.optim.AdamW([
+        {"params": [p for n, p in model.named_parameters() if not n.startswith(vision)], "scale": 1.0},
+        {"params": [p for n, p in model.named_parameters() if n.startswith(vision)], "scale": VISION_LR_SCALE}],
+        lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def sft_lr_at(step, total, warmup, peak):
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

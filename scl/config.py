@@ -1,8 +1,8 @@
-"""Model configuration: the LLaVA `config.json` as three dataclasses (DESIGN §2).
+"""Model configuration: the LLaVA `config.json` as three dataclasses.
 
 Published configs omit most fields and rely on transformers' defaults (llava-1.5-7b-hf's
 `text_config` holds four keys). `VLMConfig.from_dict` fills them with the defaults transformers
-5.24 uses for the same file (research/vlm-format.md §2.2), per `model_type`, and accepts the
+5.24 uses for the same file, per `model_type`, and accepts the
 spellings found in the wild: `rope_theta` top-level or inside `rope_parameters`, `image_token_index`
 or `image_token_id`, `torch_dtype` or `dtype`, tied embeddings flagged in `text_config` or at the top.
 `to_dict` writes a `config.json` transformers can load. Errors are one line naming file and key.

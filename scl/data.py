@@ -1,43 +1,64 @@
-"""Multiple-choice image questions from disk -> `Row`s, bad rows skipped with a reason (DESIGN §6, §7).
+"""Multiple-choice image questions from disk -> `Row`s, bad rows skipped with a reason.
 
-Three formats, picked from the file name (or `format=`):
+The paper's benchmarks are read as they are distributed, without conversion. Formats, picked from the
+name (or `format=`):
     jsonl     : one {"id", "image", "question", "options", "answer"[, "hint"]} per line; the image path
-                is relative to the file (the built-in task and any user set; DESIGN §6).
-    tsv       : MMBench-style: columns index, question, [hint], A, B, C, D, ..., answer, image (base64).
-                A row whose image is a short integer reuses the image of the row with that index
-                (MMBench stores each image once). Empty trailing option columns are dropped.
+                is relative to the file (the built-in task and any user set).
+    tsv       : VLMEvalKit's TSVs (MMBench, SEEDBench_IMG, MMStar, ...): index, question, [hint], A, B,
+                ..., answer, image (base64)[, split]. An image cell that is a short integer reuses the
+                image of the row with that index (MMBench stores each image once).
     scienceqa : ScienceQA's problems.json, {id: {question, choices, answer (index), image, split, hint}},
                 images at <dir>/images/<split>/<id>/<image> (or <dir>/<split>/<id>/, <dir>/<id>/).
-                Choices become options A, B, ...; the integer answer becomes its letter.
+    parquet   : a Hugging Face parquet file, or a folder of shards (data/test-00000-of-00002.parquet);
+                images are {bytes, path} structs. Needs pyarrow, imported only here.
+TSV and parquet records are read by their columns, whichever benchmark wrote them:
+    A, B, C, ... columns               MMBench, MMBench_EN, SEEDBench_IMG TSV
+    choice_a .. choice_d               lmms-lab/SEED-Bench (its image column is a list)
+    choices list, answer index/letter  ScienceQA (derek-thomas, lmms-lab), MMEvalPro
+    options list, answer index         lmms-lab/ai2d
+    none: options inside the question  MMStar ("Options: A: x, B: y"), RealWorldQA ("A. x" lines)
+Index answers (0, 1, ...) become letters. `split` picks the shards named `<split>-0000k-of-0000n`, or
+the rows whose `split` column / field equals it.
 
-A bad row (malformed line, missing or corrupt image, fewer than 2 options, an answer that is not one
-of the option letters, a repeated id) never stops a run: it is returned in `skipped` as
-{"id", "reason"} for the caller to write to skipped.jsonl. A missing data file is an error.
+Text fields are checked at load time; an image is decoded when `row.image` is read, and not kept, so a
+benchmark costs its compressed bytes in memory, not its pixels. A bad row (malformed line, missing
+image, under 2 options, options not unambiguously split from the question, an answer that is not an
+option letter, a repeated id, a text-only, multi-image or video question) never stops a run: it comes
+back in `skipped` as {"id", "reason"}, for skipped.jsonl. A corrupt image raises BadRow when
+`row.image` is read, for the caller to skip the row. A missing data file is an error.
 """
+import ast
 import base64
 import csv
+import glob
 import json
 import os
 import re
 from dataclasses import dataclass, field
-
-from PIL import Image
+from typing import Callable
 
 from scl.image import open_image
 from scl.prompts import LETTERS
 
-FORMATS = ("jsonl", "tsv", "scienceqa")
+FORMATS = ("jsonl", "tsv", "scienceqa", "parquet")
+CIRCULAR = 1_000_000  # MMBench: the k-th rotated copy of question i has index i + k * CIRCULAR
 
 
 @dataclass
 class Row:
     id: str  # unique within the file; names the question in responses.jsonl and resumes
-    image: Image.Image = field(repr=False)  # RGB, fully decoded (a corrupt file fails at load time)
     question: str
     options: list  # option texts, without their "A. " labels; letters are given by position
     answer: str  # gold letter, "A".."Z", within the options
+    load_image: Callable = field(repr=False, compare=False)  # () -> RGB image, decoded anew per call
     image_path: str | None = None  # where the image came from, when it was a file
     hint: str | None = None  # context some benchmarks give with the question (MMBench, ScienceQA)
+
+    @property
+    def image(self):
+        """The RGB image, decoded now and not cached on the row (a benchmark's pixels would not fit in
+        memory at once). A corrupt image raises BadRow, for the caller to skip the row."""
+        return self.load_image()
 
 
 class BadRow(Exception):
@@ -75,7 +96,7 @@ def _clean_options(options):
 
 
 def _make_row(rid, question, options, answer, load_image, image_path=None, hint=None):
-    """Validate the text fields first (cheap), then decode the image."""
+    """Validate the text fields; the image is left to `load_image`, called when it is used."""
     if not isinstance(question, str) or not question.strip():
         raise BadRow("no question")
     options = _clean_options(options)
@@ -85,15 +106,109 @@ def _make_row(rid, question, options, answer, load_image, image_path=None, hint=
     if LETTERS.index(letter) >= len(options):
         raise BadRow(f"answer {letter} is outside the options A-{LETTERS[len(options) - 1]}")
     hint = hint.strip() if isinstance(hint, str) and hint.strip() else None
-    return Row(id=rid, image=load_image(), question=question.strip(), options=options, answer=letter,
+    return Row(id=rid, question=question.strip(), options=options, answer=letter, load_image=load_image,
                image_path=image_path, hint=hint)
 
 
+# ----------------------------------------------------------------------------- options in the question
+
+_INLINE = re.compile(r"(?:^|,\s*)([A-Z]):\s")  # MMStar: "Options: A: x, B: y, C: z, D: w"
+_LINE = re.compile(r"\s*\(?([A-Z])[.):]\s+(\S.*)")  # one per line: "A. x", "A) x", "(A) x"
+_INSTRUCTION = re.compile(r"(please|answer)\b.*\b(letter|option)", re.IGNORECASE | re.DOTALL)
+
+
+def split_options(text):
+    """A question with its options written inside -> (stem, [option texts]); (text, []) when it holds
+    none. Never guesses: labels out of order, repeated, or followed by text that is not an answer
+    instruction (RealWorldQA ends with "Please answer directly with only the letter ...", dropped here
+    because our own prompt says how to answer) raise BadRow."""
+    head, sep, tail = text.rpartition("Options:")
+    marks = list(_INLINE.finditer(tail.strip())) if sep else []
+    if marks:
+        letters, tail = "".join(m.group(1) for m in marks), tail.strip()
+        if text.count("Options:") > 1 or letters != LETTERS[:len(letters)] or len(letters) < 2:
+            raise BadRow(f"options after 'Options:' cannot be split unambiguously (labels {', '.join(letters)})")
+        ends = [m.start() for m in marks[1:]] + [len(tail)]
+        options = [tail[m.end():end].strip() for m, end in zip(marks, ends)]
+        extra = options[-1].partition("\n")[2]  # one line holds them all; more is text we cannot place
+        if extra:
+            raise BadRow(f"text after the options on a new line: {extra[:60]!r}")
+        return head.strip(), options
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if (m := _LINE.fullmatch(line)) and m.group(1) == "A"]
+    if not starts:
+        return text.strip(), []
+    if len(starts) > 1:
+        raise BadRow("two lines start with option A; cannot tell which list holds the options")
+    options, end = [], starts[0]
+    for i in range(starts[0], len(lines)):  # the next letter's line, blank lines between allowed
+        m = _LINE.fullmatch(lines[i])
+        if m and len(options) < len(LETTERS) and m.group(1) == LETTERS[len(options)]:
+            options.append(m.group(2).strip())
+            end = i + 1
+        elif lines[i].strip():
+            break
+    rest = "\n".join(lines[end:]).strip()
+    if rest and not _INSTRUCTION.match(rest):
+        raise BadRow(f"text after the options is not an answer instruction: {rest[:60]!r}")
+    if len(options) < 2:
+        raise BadRow("only one option line (A) in the question")
+    stem = re.sub(r"\s*(Options|Choices):\s*$", "", "\n".join(lines[:starts[0]]).strip())
+    return stem, options
+
+
+# ----------------------------------------------------------------------------- benchmark records
+
+def _missing(value):
+    """None, NaN, or a blank / "nan" string (pandas writes NaN cells as nan)."""
+    return value is None or value != value or (isinstance(value, str) and value.strip().lower() in ("", "nan"))
+
+
+def _is_index(answer):
+    """0, 1, ... or "0", "1", ...: ScienceQA and AI2D give the answer as a position in the options."""
+    if isinstance(answer, str):
+        return answer.strip().isdigit()
+    return isinstance(answer, int) and not isinstance(answer, bool)
+
+
+def _benchmark_row(rid, rec, load_image, image_path=None):
+    """One benchmark record (its columns as a dict) -> Row, whichever way it lays out its options."""
+    question, answer = rec.get("question"), rec.get("answer")
+    if "choice_a" in rec:  # SEED-Bench
+        options = [rec.get(f"choice_{c}") for c in "abcd"]
+    elif "A" in rec:  # MMBench / VLMEvalKit: a column per letter, the unused trailing ones empty
+        letters = LETTERS[:next((i for i, c in enumerate(LETTERS) if c not in rec), len(LETTERS))]
+        options = [None if _missing(rec[c]) else rec[c] for c in letters]
+        while options and options[-1] is None:
+            options.pop()
+    elif "choices" in rec or "options" in rec:  # ScienceQA, MMEvalPro; AI2D: a list, indexed from 0
+        options = rec.get("choices", rec.get("options"))
+        if _is_index(answer):
+            answer = LETTERS[int(answer)] if int(answer) < len(LETTERS) else f"#{answer}"
+    else:  # MMStar, RealWorldQA: the options are written inside the question
+        question, options = split_options(question) if isinstance(question, str) else (question, [])
+        if not options:
+            letter = isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS
+            kind = "" if letter else " (an open-ended question)"
+            raise BadRow(f"no options in the question{kind}; answer {answer!r}")
+    hint = rec.get("hint")
+    return _make_row(rid, question, options, answer, load_image, image_path, None if _missing(hint) else str(hint))
+
+
 # ----------------------------------------------------------------------------- readers
-# Each yields (id, where, make): `make()` builds the Row or raises BadRow, so images are decoded only
-# for rows that are kept (and not at all past `limit`).
+# Each yields (id, where, make): `make()` builds the Row or raises BadRow, so rows past `limit` cost
+# nothing. Images are decoded later still, when a Row's image is read.
+
+def _raise(reason):
+    def make():
+        raise BadRow(reason)
+    return make
+
 
 def _jsonl(path, split):
+    if split is not None:
+        raise ValueError(f"{path}: a JSONL file holds one split; split= picks one in parquet, TSV or "
+                         "problems.json")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -113,19 +228,39 @@ def _jsonl(path, split):
                 yield rid, f"line {n}", _raise("no image path")
                 continue
             ipath = image if os.path.isabs(image) else os.path.join(base, image)
+            if not os.path.isfile(ipath):  # cheap to check now; decoding waits until the image is used
+                yield rid, f"line {n}", _raise(f"image not found: {image}")
+                continue
             yield rid, f"line {n}", lambda o=obj, r=rid, p=ipath, i=image: _make_row(
                 r, o.get("question"), o.get("options"), o.get("answer"), lambda: _open_image(p, i),
                 image_path=p, hint=o.get("hint"))
 
 
-def _raise(reason):
-    def make():
-        raise BadRow(reason)
-    return make
+def _tsv_image(cell, images):
+    """A TSV image cell -> the function that decodes it. MMBench stores each image once and other rows
+    name its index; VLMEvalKit's multi-image rows hold a Python list of base64 images."""
+    cell, name = cell.strip(), "(base64)"
+    if cell.isdigit() and len(cell) <= 16:
+        if cell not in images:
+            raise BadRow(f"image refers to index {cell}, which has no image")
+        cell, name = images[cell].strip(), f"(base64, of index {cell})"
+    if cell.startswith("["):
+        try:
+            cells = ast.literal_eval(cell)
+        except (ValueError, SyntaxError):
+            raise BadRow("image cell starts with '[' but is not a list of base64 images") from None
+        if len(cells) != 1:
+            raise BadRow(f"{len(cells)} images in one row (a multi-image question); only single-image "
+                         "questions are supported")
+        cell = cells[0]
+    return lambda: _open_image(_b64(cell, name), name)
 
 
-def _missing(value):
-    return value is None or value.strip() == "" or value.strip().lower() == "nan"  # pandas writes nan
+def _b64(text, name):
+    try:
+        return base64.b64decode(text, validate=False)
+    except Exception as e:
+        raise BadRow(f"corrupt image {name}: not base64 ({e})") from None
 
 
 def _tsv(path, split):
@@ -135,11 +270,9 @@ def _tsv(path, split):
     if not table:
         return
     header = table[0]
-    for col in ("index", "question", "answer", "image"):
+    for col in ("index", "question", "answer", "image") + (("split",) if split is not None else ()):
         if col not in header:
             raise ValueError(f"{path}: TSV has no {col!r} column (header: {', '.join(header)})")
-    letters = [c for c in LETTERS if c in header]
-    letters = letters[: next((i for i, c in enumerate(letters) if c != LETTERS[i]), len(letters))]
     body = [(n, dict(zip(header, raw)), len(raw)) for n, raw in enumerate(table[1:], start=2) if raw]
     images = {r["index"].strip(): r["image"] for _, r, width in body
               if width == len(header) and len(r["image"].strip()) > 16}
@@ -148,27 +281,9 @@ def _tsv(path, split):
         if width != len(header):
             yield rid, f"line {n}", _raise(f"{width} fields, the header has {len(header)}")
             continue
-        values = [None if _missing(r[c]) else r[c] for c in letters]
-        while values and values[-1] is None:
-            values.pop()  # MMBench leaves C/D empty for two- and three-option questions
-        ref = r["image"].strip()
-        if ref.isdigit() and len(ref) <= 16:  # a reference to another row's image, by index
-            if ref not in images:
-                yield rid, f"line {n}", _raise(f"image refers to index {ref}, which has no image")
-                continue
-            ref, name = images[ref], f"(base64, of index {ref})"
-        else:
-            name = "(base64)"
-        yield rid, f"line {n}", lambda r=r, rid=rid, v=values, b64=ref, name=name: _make_row(
-            rid, r["question"], ["" if x is None else x for x in v], r["answer"],
-            lambda: _open_image(_b64(b64, name), name), hint=None if _missing(r.get("hint")) else r["hint"])
-
-
-def _b64(text, name):
-    try:
-        return base64.b64decode(text, validate=False)
-    except Exception as e:
-        raise BadRow(f"corrupt image {name}: not base64 ({e})") from None
+        if split is not None and r["split"].strip() != split:
+            continue  # not in the requested split: filtered, not skipped
+        yield rid, f"line {n}", lambda r=r, rid=rid: _benchmark_row(rid, r, _tsv_image(r["image"], images))
 
 
 def _scienceqa(path, split):
@@ -189,37 +304,104 @@ def _scienceqa(path, split):
 def _scienceqa_row(base, pid, p):
     if not p.get("image"):
         raise BadRow("no image (a text-only question)")
-    choices, answer = p.get("choices"), p.get("answer")
-    if not isinstance(answer, int) or isinstance(answer, bool) or not isinstance(choices, list):
-        raise BadRow(f"answer {answer!r} is not an index into the choices")
-    letter = LETTERS[answer] if 0 <= answer < len(LETTERS) else f"#{answer}"
     candidates = [os.path.join(base, *parts, pid, p["image"]) for parts in
                   (("images", str(p.get("split", ""))), ("images",), (str(p.get("split", "")),), ())]
-    ipath = next((c for c in candidates if os.path.isfile(c)), candidates[0])
-    return _make_row(pid, p.get("question"), choices, letter, lambda: _open_image(ipath, ipath),
-                     image_path=ipath, hint=p.get("hint"))
+    ipath = next((c for c in candidates if os.path.isfile(c)), None)
+    if ipath is None:
+        raise BadRow(f"image not found: {candidates[0]}")
+    return _benchmark_row(pid, p, lambda: _open_image(ipath, ipath), image_path=ipath)
+
+
+_SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}.*\.parquet")  # Hugging Face shards: test-00000-of-00002.parquet
+
+
+def _parquet(path, split):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"),
+                                                                 recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    named = [(f, m.group(1) if (m := _SHARD.fullmatch(os.path.basename(f))) else None) for f in files]
+    splits = sorted({s for _, s in named if s})
+    if split is not None and splits:  # the shard names say the split: read only those files
+        if split not in splits:
+            raise ValueError(f"{path}: no split {split!r}; the shard names give {', '.join(splits)}")
+        named, split = [(f, s) for f, s in named if s == split], None
+    seen = {}  # rows read so far per split: the id of a benchmark without an id column
+    for file, shard_split in named:
+        table = pq.read_table(file)
+        cols = table.column_names
+        for col in ("question", "answer", "image") + (("split",) if split is not None else ()):
+            if col not in cols:
+                raise ValueError(f"{file}: no {col!r} column (columns: {', '.join(cols)})")
+        images = table.column("image")
+        listed = pa.types.is_list(images.type) or pa.types.is_large_list(images.type)  # SEED-Bench
+        struct = images.type.value_type if listed else images.type
+        if not pa.types.is_struct(struct) or min(struct.get_field_index(f) for f in ("bytes", "path")) < 0:
+            raise ValueError(f"{file}: the 'image' column is {images.type}, not Hugging Face images "
+                             "{bytes, path}")
+        base = os.path.dirname(os.path.abspath(file))
+        for n, rec in enumerate(table.select([c for c in cols if c != "image"]).to_pylist()):
+            k = seen[shard_split] = seen.get(shard_split, -1) + 1
+            if split is not None and rec.get("split") != split:
+                continue  # not in the requested split: filtered, not skipped
+            rid = next((str(rec[c]) for c in ("index", "question_id", "id") if rec.get(c) is not None),
+                       f"{shard_split}-{k}" if shard_split else str(k))
+            where = f"{os.path.basename(file)} row {n}"
+            yield rid, where, lambda rid=rid, rec=rec, cell=(images, n, listed, base, where): _benchmark_row(
+                rid, rec, _arrow_image(*cell, rec.get("data_type")))
+
+
+def _arrow_image(images, n, listed, base, where, data_type=None):
+    """Check row n of an image column now (cheap: no bytes are copied), and return the function that
+    decodes it when it is used. A question with several images or a video is skipped, never read as
+    its first frame."""
+    if data_type not in (None, "image"):  # SEED-Bench lists a video's frames as its images
+        raise BadRow(f"a {data_type} question; only image questions are supported")
+    cell = images[n]
+    if listed:
+        count = len(cell) if cell.is_valid else 0
+        if count > 1:
+            raise BadRow(f"{count} images in one row (a multi-image question); only single-image "
+                         "questions are supported")
+        cell = cell[0] if count else None
+    if cell is None or not cell.is_valid or not (cell["bytes"].is_valid or cell["path"].is_valid):
+        raise BadRow("no image (a text-only question)")
+
+    def load():
+        value = images[n].as_py()
+        value = value[0] if listed else value
+        if value["bytes"] is not None:
+            return _open_image(value["bytes"], where)
+        return _open_image(os.path.join(base, value["path"]), value["path"])  # join keeps an absolute path
+    return load
 
 
 def _detect(path):
+    if os.path.isdir(path):
+        return "parquet"  # a folder of Hugging Face shards
     name = os.path.basename(path).lower()
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith(".tsv"):
-        return "tsv"
-    if name.endswith(".json"):
-        return "scienceqa"  # the only .json layout we read (problems.json)
+    for ext, fmt in ((".jsonl", "jsonl"), (".tsv", "tsv"), (".json", "scienceqa"), (".parquet", "parquet")):
+        if name.endswith(ext):
+            return fmt  # .json: problems.json is the only JSON layout we read
     raise ValueError(f"{path}: cannot tell the data format from the name; pass format= one of {FORMATS}")
 
 
 def load_rows(path, format=None, limit=None, split=None):
-    """Read a data file -> (rows, skipped). `limit` caps the rows kept; `split` filters ScienceQA
-    problems by their "split" field. skipped: [{"id": str | None, "reason": str}, ...]."""
-    if not os.path.isfile(path):
+    """Read a data file (or a folder of parquet shards) -> (rows, skipped). `limit` caps the rows kept;
+    `split` picks one split where the data holds several. skipped: [{"id": str | None, "reason": str}]."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = format or _detect(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; one of {FORMATS}")
-    reader = {"jsonl": _jsonl, "tsv": _tsv, "scienceqa": _scienceqa}[fmt]
+    if os.path.isdir(path) and fmt != "parquet":
+        raise ValueError(f"{path} is a folder; only parquet shards are read from a folder")
+    reader = {"jsonl": _jsonl, "tsv": _tsv, "scienceqa": _scienceqa, "parquet": _parquet}[fmt]
     rows, skipped, seen = [], [], {}
     for rid, where, make in reader(path, split):
         if limit is not None and len(rows) >= limit:
@@ -234,3 +416,17 @@ def load_rows(path, format=None, limit=None, split=None):
         seen[rid] = where
         rows.append(row)
     return rows, skipped
+
+
+def circular_groups(ids):
+    """MMBench's circular evaluation asks a question once per rotation of its options; the rotated
+    copies of question i carry ids i + k * 1_000_000. -> {group id (i): [member ids]}, every id in one
+    group (non-numeric ids alone), or {} when no id is a rotated copy. A group counts as right only
+    when all its members are."""
+    ids = [str(i) for i in ids]
+    if not any(i.isdigit() and int(i) >= CIRCULAR for i in ids):
+        return {}
+    groups = {}
+    for i in ids:
+        groups.setdefault(str(int(i) % CIRCULAR) if i.isdigit() else i, []).append(i)
+    return groups

@@ -1,9 +1,9 @@
-"""DPO for Self-Correction Learning: pair encoding, sequence log-probs, the loss (DESIGN §1.6, §4).
+"""DPO for Self-Correction Learning: pair encoding, sequence log-probs, the loss.
 
 Read top to bottom: a SelfCorSet pair (prompt, chosen, rejected) becomes token ids (`encode_pair`; a
 whole selfcorset.jsonl: `read_pairs`), pairs become a padded batch (`collate_pairs`), the model scores
 both responses given the shared prompt (`concatenated_forward`), and the four log-prob vectors give the
-loss (`dpo_loss`, paper §4.1):
+loss (`dpo_loss`, the paper's objective):
 
     L = (1 - α) · -log σ(β [(log πθ(Rc) - log πref(Rc)) - (log πθ(Rr) - log πref(Rr))])  +  α · NLL(Rc)
 
@@ -22,7 +22,7 @@ from scl.tokenizer import render_chat
 
 
 class SkipPair(ValueError):
-    """A pair that cannot be trained on; `reason` is written to the skip log (DESIGN §7)."""
+    """A pair that cannot be trained on; `reason` is written to the skip log."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -48,7 +48,7 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: 
 
     Response ids are exactly the tokens render_chat trains on (content + EOS); prompt ids are everything
     before them, i.e. the generation prompt `USER: <image>×P\\n{prompt} ASSISTANT:` (or its ChatML form). So
-    prompt + response is what the model reads and writes at evaluation, token for token (ecosystem §2.2).
+    prompt + response is what the model reads and writes at evaluation, token for token.
     Raises SkipPair for an empty response or when prompt + the longer response exceeds max_length; we
     never truncate, since a cut prompt loses image tokens and a cut response changes what is scored.
     """
@@ -79,7 +79,7 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
     """Read a SelfCorSet file (selfcorset.jsonl: {"id", "image", "prompt", "chosen", "rejected"} per line).
 
     Returns (pairs, skipped): each pair is encode_pair's ids plus "pixel_values" (3, S, S) and a unique "id";
-    each skipped row is {"line", "reason"}: a malformed row, an unreadable image or a SkipPair (DESIGN §7).
+    each skipped row is {"line", "reason"}: a malformed row, an unreadable image or a SkipPair.
     Image paths are relative to the file.
     """
     base = os.path.dirname(os.path.abspath(path))
@@ -94,6 +94,7 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
                     raise SkipPair(f"image {row['image']!r} unreadable: {e.__class__.__name__}")
                 enc = encode_pair(tok, row["prompt"], row["chosen"], row["rejected"], num_image_tokens, max_length)
                 enc["pixel_values"] = proc([image])[0]  # (3, S, S)
+                enc["image_path"] = os.path.join(base, row["image"])
                 enc["id"] = str(row.get("id", n)) + f"#{n}"
                 pairs.append(enc)
             except SkipPair as e:
@@ -109,7 +110,7 @@ def collate_pairs(encoded: list, pad_id: int) -> dict:
     prompt_ids/prompt_mask (B, Tp): left-padded, so every prompt ends at the same column and its last
     hidden state sits at position Tp - 1. chosen_ids/chosen_mask and rejected_ids/rejected_mask (B, Tr):
     right-padded to one common Tr so the 2B response rows stack. Masks come from lengths, never from
-    `ids == pad_id` (pad may equal EOS, and EOS is a scored token; ecosystem §2.4).
+    `ids == pad_id` (pad may equal EOS, and EOS is a scored token).
     """
     B = len(encoded)
     Tp = max(len(e["prompt_ids"]) for e in encoded)
@@ -130,6 +131,12 @@ def collate_pairs(encoded: list, pad_id: int) -> dict:
     return out
 
 
+def make_batch(pairs: list, pad_id: int, device) -> tuple[dict, torch.Tensor]:
+    """Encoded pairs -> (collated id tensors, pixel_values (B, 3, S, S)) on `device`."""
+    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    return batch, torch.stack([p["pixel_values"] for p in pairs]).to(device)
+
+
 # -----------------------------------------------------------------------------
 # Sequence log-probs: log π(response | prompt, image) = Σ_t log π(y_t | y_<t, prompt, image)
 
@@ -145,7 +152,7 @@ def response_logps(hidden, weight, targets, mask, impl=None):
         mask:    (N, Tr) 1 on real response tokens, 0 on right padding.
     Returns:
         logps (N,) fp32 sums over real tokens; tokens (N,) number of real tokens.
-    Only real tokens go through the head (DESIGN §3): pads are dropped before the (·, V) product, and the
+    Only real tokens go through the head: pads are dropped before the (·, V) product, and the
     kernel never holds the full (N, V) logits (one token chunk at a time: PyTorch on CPU, cuBLAS + Triton on GPU).
     """
     keep = mask.bool()  # (N, Tr)
@@ -158,7 +165,7 @@ def response_logps(hidden, weight, targets, mask, impl=None):
 def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bool = True, impl=None) -> dict:
     """Score chosen and rejected responses of a batch with one model (policy, or reference under no_grad).
 
-    share_prefix=True (DESIGN §4): the vision tower and the prompt run once, (B, Tp); both responses then
+    share_prefix=True: the vision tower and the prompt run once, (B, Tp); both responses then
     continue from the prompt's KV cache as one 2B batch. The cache is repeated with torch.cat([k, k]),
     which copies values but keeps the autograd graph, so gradients of both responses reach the shared
     prompt and image. share_prefix=False: the plain reference, 2B full sequences with images duplicated.
@@ -193,7 +200,7 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
 
 
 # -----------------------------------------------------------------------------
-# The loss (paper §4.1; DPO eq. 7) and TRL's metrics
+# The loss (DPO, Rafailov et al. 2023, eq. 7, plus the paper's SFT term) and TRL's metric names
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -235,3 +242,35 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     if chosen_nll is not None:
         metrics["nll_loss"] = chosen_nll.detach().mean().item()
     return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# What the training loop calls: the reference once, then the loss of each micro-batch
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list, pad_id: int, batch_size: int, share_prefix: bool = True) -> dict:
+    """log πref of every pair under the frozen starting model, computed once before training:
+    {pair id: (chosen, rejected)}. The reference never changes, so it is never run again."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = {}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        s = concatenated_forward(model, *make_batch(chunk, pad_id, device), share_prefix=share_prefix)
+        for p, c, r in zip(chunk, s["chosen_logps"].tolist(), s["rejected_logps"].tolist()):
+            out[p["id"]] = (c, r)
+    model.train(was_training)
+    return out
+
+
+def batch_loss(model, pairs: list, reference: dict, pad_id: int, *, beta: float, sft_alpha: float,
+               share_prefix: bool = True) -> tuple[torch.Tensor, dict]:
+    """The SCL loss of a micro-batch of pairs and its metrics (means over the pairs)."""
+    device = next(model.parameters()).device
+    s = concatenated_forward(model, *make_batch(pairs, pad_id, device), share_prefix=share_prefix)
+    ref_c = torch.tensor([reference[p["id"]][0] for p in pairs], device=device)
+    ref_r = torch.tensor([reference[p["id"]][1] for p in pairs], device=device)
+    return dpo_loss(s["chosen_logps"], s["rejected_logps"], ref_c, ref_r, beta=beta, sft_alpha=sft_alpha,
+                    chosen_nll=s["chosen_nll"])

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §1.7, paper §5): single-turn accuracy, what a review turn does, the K-round
+"""Evaluation: single-turn accuracy, what a review turn does, the K-round
 curve, and base vs SCL on the same questions with a paired test.
 
 Read top to bottom: the statistics as pure functions (`accuracy`, `transitions`, `mcnemar`,
@@ -10,7 +10,6 @@ the single-turn accuracy) and every review prompt continues that same turn 1: th
 prompt compares its turn 2 with it (the paper's SP column vs CP/VP-1/2/3 columns).
 """
 import dataclasses
-import json
 import math
 import os
 import random
@@ -19,9 +18,10 @@ import time
 
 import torch
 
-from scl.files import write_json
-from scl.data import load_rows
-from scl.selfcorrect import load_model_dir, resolve_device, round_types, rollout
+from scl.files import fingerprint, read_json, write_json, write_jsonl, write_text
+from scl.data import circular_groups, load_rows
+from scl.selfcorrect import resolve_device, round_types, rollout
+from scl.weights import load_model_dir
 
 
 @dataclasses.dataclass
@@ -38,8 +38,11 @@ class EvalConfig:
     limit: int | None = None  # only the first N usable rows
     batch_size: int = 256  # rollouts per generate() call
     max_new_tokens: int = 256  # per turn
-    format: str | None = None  # data reader; None = detect from the file
+    format: str | None = None  # data reader: jsonl | tsv | scienceqa | parquet; None = detect from the name
+    split: str | None = None  # the split to read where a file or folder holds several
+    turn1_layout: str = "scl"  # scl: hint, question, options one per line; paper: as the paper's released code
     device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "float32"  # model weights: float32 | bfloat16 | float16
     seed: int = 0  # bootstrap seed
 
 
@@ -49,8 +52,18 @@ def accuracy(records, turn=0) -> float:
     return sum(r["turns"][turn]["correct"] for r in records) / max(len(records), 1)
 
 
+def circular_accuracy(records, turn=0) -> float | None:
+    """MMBench's circular score: a question counts only if every rotation of its options is answered
+    right (rotated copies carry id + k * 1_000_000). None when the data has no rotated copies."""
+    groups = circular_groups([r["id"] for r in records])
+    if not groups:
+        return None
+    right = {r["id"]: r["turns"][turn]["correct"] for r in records}
+    return sum(all(right[i] for i in members) for members in groups.values()) / len(groups)
+
+
 def transitions(records, first=0, second=1) -> dict:
-    """4-type table (paper §2.7) between two turns: counts of types 1–4 and unparsed."""
+    """4-type table between two turns: counts of types 1–4 and unparsed."""
     table = {"1": 0, "2": 0, "3": 0, "4": 0, "unparsed": 0}
     for r in records:
         t = round_types([r["turns"][first], r["turns"][second]])[0]
@@ -103,20 +116,19 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
                    prompts=None) -> tuple[dict, dict]:
     """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
     prompts = cfg.prompts if prompts is None else prompts
-    runs = {"sp": rollout(model, tok, processor, rows, prompt="sp", rounds=1, samples=1, temperature=0.0,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)}
+    kw = dict(samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+              layout=cfg.turn1_layout)
+    runs = {"sp": rollout(model, tok, processor, rows, prompt="sp", rounds=1, **kw)}
     turn1 = [r["turns"][0]["text"] for r in runs["sp"]]  # greedy: every review prompt continues this turn 1
     curve = [cfg.curve_prompt] if prompts else []  # no review prompts: turn 1 only
     for p in dict.fromkeys(prompts + curve):
         rounds = max(cfg.rounds, 2) if p == cfg.curve_prompt else 2
-        runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, samples=1, temperature=0.0,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, first=turn1)
+        runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, first=turn1, **kw)
     for p, recs in runs.items():
-        with open(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+        write_jsonl(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), recs)
     first = runs["sp"]
     n = len(first)
-    metrics = {"questions": n, "test_accuracy": accuracy(first),
+    metrics = {"questions": n, "test_accuracy": accuracy(first), "circular_accuracy": circular_accuracy(first),
                "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1), "prompts": {}}
     for p in prompts:
         recs = runs[p]
@@ -168,6 +180,10 @@ def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
              "|---|---|---|---|"]
     for name, m in metrics_by_model.items():
         lines.append(f"| {name} | {m['questions']} | {100 * m['test_accuracy']:.1f}% | {100 * m['unparsed_rate']:.1f}% |")
+    circular = {n: m["circular_accuracy"] for n, m in metrics_by_model.items() if m.get("circular_accuracy") is not None}
+    if circular:  # MMBench-style data: a question counts only when every rotation of its options is right
+        lines += ["", "Circular accuracy (all rotations of a question right): " + ", ".join(
+            f"{n} {100 * a:.1f}%" for n, a in circular.items()) + "."]
     if comparison:
         c = comparison
         lines += ["", f"Difference {100 * c['difference']:+.1f} points (95% bootstrap CI {100 * c['ci95'][0]:+.1f} to "
@@ -190,43 +206,83 @@ def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
     return "\n".join(lines)
 
 
+def experiment_report(result: dict) -> str:
+    """The results of `python train.py` as markdown: base vs SCL, SelfCorSet, the review turn, times."""
+    ev, sc = result["eval"], result["selfcorset"]
+    c, base = ev.get("comparison"), ev.get("base") or ev["model"]
+    lines = ["# SCL on the built-in task", "", "| model | single-turn test accuracy |", "|---|---|",
+             f"| base (SFT) | {100 * base['test_accuracy']:.1f}% |"]
+    if c:
+        lines += [f"| SCL (DPO on SelfCorSet) | {100 * ev['scl']['test_accuracy']:.1f}% |", "",
+                  f"Difference {100 * c['difference']:+.1f} points, 95% bootstrap CI [{100 * c['ci95'][0]:+.1f}, "
+                  f"{100 * c['ci95'][1]:+.1f}], McNemar exact p = {c['p_value']:.3g} ({c['questions']} test "
+                  f"questions; only base right {c['only_a_right']}, only SCL right {c['only_b_right']})."]
+    else:
+        lines += ["", "No SCL model: the base model's rollouts gave no wrong→right or right→wrong flips."]
+    acc = sc["accuracy"]
+    lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {100 * acc['turn1']:.1f}% → turn 2 "
+                  f"{100 * acc.get('turn2', 0):.1f}%, types 1/2/3/4 = {'/'.join(str(sc['types'][k]) for k in '1234')}"
+                  f" ({sc['types']['unparsed']} unparsed), {sc['pairs']} pairs."]
+    if "reasoned" in sc:
+        r = sc["reasoned"]
+        lines += ["", f"Right answers that carry the task's reference reasoning: {r['right_reasoned']} of {r['right']} "
+                      f"in the rollouts; chosen responses {r['chosen_reasoned']} of {sc['pairs']}, rejected "
+                      f"{r['rejected_reasoned']}."]
+    lines += ["", "## What a review turn does to the base model (test, greedy)", "",
+              "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|"]
+    for p, v in base["prompts"].items():
+        t = v["transitions"]
+        lines.append(f"| {p} | {100 * v['turn1_accuracy']:.1f}% | {100 * v['turn2_accuracy']:.1f}% | {t['2']} | {t['3']} |")
+    lines += ["", f"Stage times (s): {result['stage_seconds']}; total {result['seconds']:.0f} s.", "",
+              "Details: eval/report.md; plots: eval/eval.png, dpo/dpo.png.", ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- the whole evaluation
 
-def load_model(path, device):
+def load_model(path, device, dtype):
     try:
-        return load_model_dir(path, device=device)
+        return load_model_dir(path, dtype=getattr(torch, dtype), device=device)
     except (OSError, ValueError) as e:  # missing folder, CheckpointError, ConfigError: one line, no traceback
         sys.exit(f"error: {e}")
 
 
 def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
+    """Evaluate cfg.model (and cfg.compare on the same rows); reuse out_dir when its metrics were made
+    from the same inputs (a content fingerprint of the models, the data and its images, the settings)."""
     t0 = time.time()
     device = torch.device(resolve_device(cfg.device))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     try:
-        rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)
-    except FileNotFoundError as e:
+        rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit, split=cfg.split)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    with open(os.path.join(cfg.out_dir, "skipped.jsonl"), "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in skipped)
     if not rows:
         sys.exit(f"error: no usable rows in {cfg.data} ({len(skipped)} skipped)")
     models = [cfg.model] + ([cfg.compare] if cfg.compare else [])
+    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "compare", "data", "out_dir",
+                                                                               "device")}
+    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows if r.image_path})],
+                      models=models)
+    done = read_json(os.path.join(cfg.out_dir, "metrics.json"))
+    if done and done.get("fingerprint") == key:
+        print(f"eval: reusing {cfg.out_dir} (made from the same models, data and settings)")
+        return done
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    write_jsonl(os.path.join(cfg.out_dir, "skipped.jsonl"), skipped)
     labels = list(names[:len(models)]) if cfg.compare else ["model"]
     metrics, runs = {}, {}
     for label, path in zip(labels, models):
-        model, tok, proc = load_model(path, device)
+        model, tok, proc = load_model(path, device, cfg.dtype)
         prompts = cfg.prompts if label == labels[0] or cfg.compare_prompts else []
         metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label, prompts)
         print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
               f"on {len(rows)} questions", flush=True)
     comparison = compare(runs[labels[0]]["sp"], runs[labels[1]]["sp"], seed=cfg.seed) if cfg.compare else None
-    out = {**metrics, "skipped": len(skipped), "seconds": time.time() - t0}
+    out = {**metrics, "skipped": len(skipped), "seconds": round(time.time() - t0, 1), "fingerprint": key}
     if comparison:
-        out.update(comparison=comparison, p_value=comparison["p_value"])
-    write_json(os.path.join(cfg.out_dir, "metrics.json"), out)
+        out["comparison"] = comparison
     plot_rounds(metrics, os.path.join(cfg.out_dir, "eval.png"))
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
-        f.write(report_markdown(metrics, comparison))
+    write_text(os.path.join(cfg.out_dir, "report.md"), report_markdown(metrics, comparison))
+    write_json(os.path.join(cfg.out_dir, "metrics.json"), out)  # last: its fingerprint marks the stage done
     return out

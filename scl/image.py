@@ -1,6 +1,6 @@
-"""Image -> pixel_values, in Pillow + numpy, equal to transformers' processors (DESIGN §2).
+"""Image -> pixel_values, in Pillow + numpy, equal to transformers' processors.
 
-Two recipes, read from a checkpoint's processor config (vlm-format.md §2.7, §4.1, §5.8):
+Two recipes, read from a checkpoint's processor config:
     clip  : RGB -> resize shortest edge (bicubic) -> centre crop -> *1/255 -> (x - mean) / std
             (CLIPImageProcessor / LlavaImageProcessor; llava-1.5 at 336 px)
     siglip: RGB -> resize to (size, size) (bicubic)         -> *1/255 -> (x - 0.5) / 0.5
@@ -105,7 +105,7 @@ class ImageProcessor:
     @classmethod
     def from_dir(cls, path):
         """preprocessor_config.json (Hub layout) or processor_config.json with the settings nested
-        under "image_processor" (what transformers 5.x saves, vlm-format.md §5.8)."""
+        under "image_processor" (what transformers 5.x saves)."""
         pre, proc = os.path.join(path, "preprocessor_config.json"), os.path.join(path, "processor_config.json")
         if os.path.isfile(pre):
             with open(pre, encoding="utf-8") as f:
@@ -117,7 +117,7 @@ class ImageProcessor:
         raise FileNotFoundError(f"{path}: neither preprocessor_config.json nor processor_config.json")
 
     @classmethod
-    def from_vlm_config(cls, cfg):
+    def from_config(cls, cfg):
         """Default for a model folder without processor files: the vision tower's own recipe at its
         image_size (CLIP crop for CLIP towers, square resize for SigLIP). cfg: VLMConfig or dict."""
         # A config.json dict, scl.config.VLMConfig (.vision_config), or anything with .vision.
@@ -126,12 +126,11 @@ class ImageProcessor:
         vision = (cfg.get("vision_config") or clip336) if isinstance(cfg, dict) else getattr(cfg, "vision_config", None)
         vision = vision if vision is not None else getattr(cfg, "vision", None)
         if vision is None:
-            raise ValueError("from_vlm_config: the config has no vision_config")
+            raise ValueError("from_config: the config has no vision_config")
         get = vision.get if isinstance(vision, dict) else lambda k, default=None: getattr(vision, k, default)
         size = int(get("image_size", 224))
         return cls.siglip(size) if "siglip" in (get("model_type", "") or "") else cls.clip(size)
 
-    from_config = from_vlm_config  # the name INTERFACES.md uses
 
     # ------------------------------------------------------------------------- the recipe
 

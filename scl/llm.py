@@ -18,6 +18,7 @@ cumsum(attention_mask) - 1 (pads clamped to 0, as transformers' generate does), 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from scl.config import TextConfig
 
@@ -175,6 +176,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self._inv_freq = {}  # per device; not a buffer, which model.to(bfloat16) would round
+        self.grad_checkpointing = False  # recompute each layer in backward instead of storing its activations
 
     def inv_freq(self, device) -> torch.Tensor:  # (Dh/2,) fp32 RoPE frequencies
         if device not in self._inv_freq:
@@ -215,9 +217,12 @@ class TextModel(nn.Module):
         if mask is not None:
             mask = mask.to(inputs_embeds.device)
         x, new_past = inputs_embeds, []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             past = past_key_values if static else past_key_values[i] if past_key_values else None
-            x, kv = layer(x, cos, sin, mask, past, last_only and i == len(self.layers) - 1)
+            args = (x, cos, sin, mask, past, last_only and i == len(self.layers) - 1)
+            # Gradient checkpointing: keep only each layer's input, recompute its inside in backward.
+            x, kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             new_past.append(kv)
         if static:
             past_key_values.length += T

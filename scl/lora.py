@@ -1,11 +1,11 @@
-"""LoRA by hand (Hu et al. 2021), as the paper's DPO uses it (paper §4.2; DESIGN §1.6).
+"""LoRA by hand (Hu et al. 2021), as the paper's DPO uses it.
 
     y = x Wᵀ + b + (α / r) · dropout(x) Aᵀ Bᵀ        A: (r, in) kaiming-uniform,  B: (out, r) zeros
 
 B = 0 makes the adapted model start exactly at the base model, so the first DPO step sees policy ==
 reference. The paper (ms-swift defaults) puts r = 8, α = 32, dropout 0.05 on the LLM's q/k/v projections
 and nowhere else — in particular not on the vision tower, whose attention layers have the same names
-(LLaVA's find_all_linear_names bug, ecosystem §2.11). With adapters the reference model is free: the
+(LLaVA's own find_all_linear_names adapted the tower by mistake). With adapters the reference model is free: the
 same weights with the adapters switched off (`lora_disabled`). `merge_lora` folds B·A into the weight and
 puts plain nn.Linear modules back, so the state dict has the base model's names and save_vlm writes a
 checkpoint any LLaVA loader reads.
@@ -97,7 +97,7 @@ def lora_state_dict(model) -> dict:
 
 @contextmanager
 def lora_disabled(model):
-    """Run the model as its frozen base: the DPO reference (DESIGN §1.6). Restores the previous state."""
+    """Run the model as its frozen base: the DPO reference. Restores the previous state."""
     mods = [m for _, m in _lora_modules(model)]
     before = [m.enabled for m in mods]
     for m in mods:

@@ -1,4 +1,4 @@
-"""Two-turn intrinsic self-correction and the SelfCorSet preference pairs (paper §2–3, DESIGN §1.1–1.5).
+"""Two-turn intrinsic self-correction and the SelfCorSet preference pairs.
 
 Read top to bottom: the config; the method as pure functions (`question_type`, `build_pairs`,
 `summarize`); one batch of rollouts (`rollout_batch`: turn 1, then review turns that continue the same
@@ -6,12 +6,12 @@ conversation); the deterministic batch plan; and `run_generate`, which streams r
 resumes where a previous run stopped.
 
 Decisions a reader should know:
-- A record's `type` compares turn 1 with turn 2 (paper §2.7); `types` lists every round pair
+- A record's `type` compares turn 1 with turn 2 (Types 1-4); `types` lists every round pair
   (k, k+1) for the K-round analysis. Either answer unparsed (None) ⇒ type None ("unparsed"), counted
   apart from wrong and never turned into a pair. Pairs come from turn 1 vs turn 2 only, as in the paper.
 - A pair's `prompt` is the full turn-1 user message the model answered (question, options and
-  instructions), not the raw question the paper's code stored (paper §3.2). Its `image` is a path
-  relative to the folder of selfcorset.jsonl, like the image paths of our data files (DESIGN §6);
+  instructions), not the raw question the paper's code stored. Its `image` is a path
+  relative to the folder of selfcorset.jsonl, like the image paths of our data files;
   rows whose image has no file (TSV, base64) get one written to out_dir/images/.
 - Sampling determinism: work items (question, sample) are sorted by prompt length and cut into
   fixed batches; batch b samples with a generator seeded from (seed, b). A resumed run re-runs any
@@ -31,13 +31,13 @@ import torch
 from tqdm import tqdm
 
 from scl.answers import extract_answer
-from scl.files import atomic_write, read_jsonl, write_json, write_jsonl
-from scl.data import load_rows
+from scl.files import atomic_write, fingerprint, read_json, read_jsonl, write_json, write_jsonl
+from scl.data import BadRow, load_rows
 from scl.generation import generate
 from scl.image import ImageProcessor
-from scl.prompts import PROMPT_NAMES, review_message, turn1_message
+from scl.prompts import PROMPT_NAMES, review_message, turn1_message, turn1_message_official
 from scl.tokenizer import Tokenizer, pad_left, render_chat
-from scl.weights import load_vlm
+from scl.weights import load_model_dir
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class GenerateConfig:
     model: str  # model folder: config.json, *.safetensors, tokenizer.json, tokenizer_config.json
     data: str  # MCQ rows: JSONL (image paths relative to the file), MMBench TSV, ScienceQA problems.json
     out_dir: str  # gets responses.jsonl, selfcorset.jsonl, summary.json, skipped.jsonl, config.json
-    prompt: str = "vp2"  # review prompt: sp (no review) | cp | vp1 | vp2 | vp3 (paper §2.3; code default VP-2)
+    prompt: str = "vp2"  # review prompt: sp (no review) | cp | vp1 | vp2 | vp3 (the released code's default: vp2)
     rounds: int = 2  # turns per question: 2 = the paper; K > 2 repeats the review message
     samples: int = 1  # rollouts per question (1 = the paper); > 1 needs temperature > 0
     limit: Optional[int] = None  # only the first N usable rows
@@ -55,7 +55,9 @@ class GenerateConfig:
     temperature: float = 0.0  # 0 = greedy (the paper's LLaVA decoding)
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     seed: int = 0  # batch b samples from a generator seeded with (seed, b)
-    format: Optional[str] = None  # data reader; None = detect from the file
+    format: Optional[str] = None  # data reader: jsonl | tsv | scienceqa | parquet; None = detect from the name
+    split: Optional[str] = None  # the split to read where a file or folder holds several (e.g. test, validation)
+    turn1_layout: str = "scl"  # scl: hint, question, options one per line; paper: as the paper's released code
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
@@ -68,6 +70,8 @@ class GenerateConfig:
             raise ValueError("--samples > 1 needs --temperature > 0 (greedy rollouts would be identical)")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             raise ValueError("--top_p must be in (0, 1] and --temperature >= 0")
+        if self.turn1_layout not in ("scl", "paper"):
+            raise ValueError(f"--turn1_layout must be scl or paper, got {self.turn1_layout!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -91,7 +95,7 @@ def round_types(turns: list[dict]) -> list[int | None]:
 
 
 def build_pairs(records: list[dict]) -> list[dict]:
-    """SelfCorSet (paper §3.1): Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1,
+    """SelfCorSet: Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1,
     rejected turn 2); Types 1 and 4 and unparsed answers give nothing. The type is recomputed from
     the turns' answers, so a record's stored `type` cannot disagree with its pair."""
     pairs = []
@@ -135,21 +139,25 @@ def summarize(records: list[dict], skipped: list[dict]) -> dict:
 
 def conversation(prompt: str, answers: list[str], review: str | None) -> list[dict]:
     """[user turn 1, assistant 1, user review, assistant 2, user review, ...]: every earlier answer
-    stays in the context (paper §2.1); the image belongs to the first user message (render_chat)."""
+    stays in the context; the image belongs to the first user message (render_chat)."""
     messages = [{"role": "user", "content": prompt}]
     for text in answers:
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": review}]
     return messages
 
 
-def turn1(row) -> str:
-    """The turn-1 user message of a row; also the prompt of its pair (prompts.turn1_message)."""
+def turn1(row, layout: str = "scl") -> str:
+    """The turn-1 user message of a row, which is also the prompt of its pair. "scl": our layout (a hint
+    line when the data has one, the question, options one per line, the instructions); "paper": the
+    paper's released code (no hint, options inline after the question)."""
+    if layout == "paper":
+        return turn1_message_official(row.question, row.options)
     return turn1_message(row.question, row.options, row.hint)
 
 
 @torch.no_grad()
 def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
-                  max_new_tokens=256, generator=None, first=None) -> tuple[list[dict], int]:
+                  max_new_tokens=256, generator=None, first=None, layout="scl") -> tuple[list[dict], int]:
     """One batch of K-turn rollouts: rows[i] is rolled out as sample number samples[i].
     Each turn re-renders the whole conversation and generates (KV cache inside generate); the
     turn-1 answers stay in the context. `first`: turn-1 texts already generated (greedy evaluation
@@ -159,7 +167,7 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
     param = next(model.parameters())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
-    prompts = [turn1(r) for r in rows]
+    prompts = [turn1(r, layout) for r in rows]
     answers, n_tokens = ([[t] for t in first] if first else [[] for _ in rows]), 0
     for _ in range(turns - len(answers[0])):
         ids = [render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
@@ -183,12 +191,12 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
     return records, n_tokens
 
 
-def plan_batches(tok, rows, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+def plan_batches(tok, rows, samples: int, batch_size: int, layout="scl") -> list[list[tuple[int, int]]]:
     """Work items (row index, sample), longest turn-1 prompt first, cut into fixed batches.
     Sorting: a batch is padded to its longest prompt, so similar lengths waste less compute, and
     the largest batch runs first (an out-of-memory shows at once). Fixed: batch b always holds the
     same items, which is what makes a resumed sampled run equal the uninterrupted one."""
-    length = [len(tok.encode(turn1(r))) for r in rows]
+    length = [len(tok.encode(turn1(r, layout))) for r in rows]
     items = sorted(((i, s) for i in range(len(rows)) for s in range(samples)),
                    key=lambda it: (-length[it[0]], it[0], it[1]))
     return [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
@@ -201,36 +209,27 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
 
 
 def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, temperature=0.0, top_p=1.0,
-            seed=0, max_new_tokens=256, batch_size=8, first=None) -> list[dict]:
+            seed=0, max_new_tokens=256, batch_size=8, first=None, layout="scl") -> list[dict]:
     """All rollouts of `rows` in memory, ordered by (row, sample); what run_generate writes to disk.
     `first`: one turn-1 text per row to continue from (samples = 1)."""
     out = {}
     device = next(model.parameters()).device
-    for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size)):
+    for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
         records, _ = rollout_batch(model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
                                    prompt=prompt, rounds=rounds, temperature=temperature, top_p=top_p,
                                    max_new_tokens=max_new_tokens, generator=batch_generator(seed, b, device),
-                                   first=[first[i] for i, _ in batch] if first else None)
+                                   first=[first[i] for i, _ in batch] if first else None, layout=layout)
         out.update({(i, s): r for (i, s), r in zip(batch, records)})
     return [out[k] for k in sorted(out)]
 
 
 # ---------------------------------------------------------------------------- files and resume
 
-def _check_resume(cfg: GenerateConfig) -> None:
-    """Records already in out_dir must come from the same settings, or one file would mix two runs."""
-    path, done = os.path.join(cfg.out_dir, "config.json"), os.path.join(cfg.out_dir, "responses.jsonl")
-    if not os.path.exists(path) or not os.path.exists(done) or os.path.getsize(done) == 0:
-        return  # nothing to protect: a run that stopped before its first batch may change its flags
-    with open(path) as f:
-        old, new = json.load(f), dataclasses.asdict(cfg)
-    for k in new:
-        if k not in ("device", "out_dir") and old.get(k) != new[k]:
-            raise ValueError(f"{path} holds a run with --{k}={old.get(k)} (now {new[k]}); use another --out_dir")
-
-
 def _image_file(row, out_dir: str) -> str:
-    """The row's image as a file: its own path, or a PNG written once to out_dir/images/ (TSV rows)."""
+    """The row's image as a file that pairs can point to: its own path, or a PNG written once to
+    out_dir/images/ (rows whose image came inside the data file). Either way the image is decoded
+    here, so a corrupt one is found now (BadRow) and not in the middle of a batch."""
+    image = row.image
     if row.image_path:
         return row.image_path
     safe = re.sub(r"[^\w.-]", "_", row.id)
@@ -238,50 +237,39 @@ def _image_file(row, out_dir: str) -> str:
     path = os.path.join(out_dir, "images", name + ".png")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda tmp: row.image.save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 
-def _too_long(rows, tok, model, cfg):
-    """Split off rows whose K-turn conversation could outgrow the model's positions, or whose prompt
-    cannot be rendered (a literal "<image>" in the text), each with its reason. -> (rows, skipped)."""
+def _usable(rows, tok, model, cfg):
+    """Split off rows that cannot be rolled out, each with its reason: an unreadable image, a prompt
+    that cannot be rendered (a literal "<image>" in the text), or a K-turn conversation that could
+    outgrow the model's positions. -> (rows with image files, skipped)."""
     turns = 1 if cfg.prompt == "sp" else cfg.rounds
     review = len(tok.encode(review_message(cfg.prompt))) + 8 if turns > 1 else 0  # + the role markers
     limit, keep, skipped = model.config.text_config.max_position_embeddings, [], []
     for r in rows:
         try:
-            ids, _ = render_chat(tok, conversation(turn1(r), [], None), model.config.num_image_tokens,
+            ids, _ = render_chat(tok, conversation(turn1(r, cfg.turn1_layout), [], None), model.config.num_image_tokens,
                                  add_generation_prompt=True)
-        except ValueError as e:
-            skipped.append({"id": r.id, "reason": f"cannot render the prompt: {e}"})
-            continue
-        need = len(ids) + turns * cfg.max_new_tokens + (turns - 1) * review
-        if need > limit:
-            skipped.append({"id": r.id, "reason": f"too long: {turns} turns may need {need} positions, "
-                                                  f"max_position_embeddings is {limit}"})
-        else:
-            keep.append(r)
+            need = len(ids) + turns * cfg.max_new_tokens + (turns - 1) * review
+            if need > limit:
+                raise BadRow(f"too long: {turns} turns may need {need} positions, max_position_embeddings is {limit}")
+            keep.append(dataclasses.replace(r, image_path=_image_file(r, cfg.out_dir)))
+        except (BadRow, ValueError) as e:
+            skipped.append({"id": r.id, "reason": str(e) if isinstance(e, BadRow) else f"cannot render the prompt: {e}"})
     return keep, skipped
-
-
-def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer, image processor) of a model folder. A folder without a processor file gets
-    the vision tower's own recipe (ImageProcessor.from_config)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path}")
-    model = load_vlm(path, dtype=dtype, device=device)
-    own = any(os.path.exists(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json"))
-    return model, Tokenizer.from_dir(path), (ImageProcessor.from_dir(path) if own else
-                                             ImageProcessor.from_config(model.config))
 
 
 def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> dict:
     """Roll out every usable row of cfg.data, write the files in cfg.out_dir, return the summary.
-    Records and pairs are appended and flushed batch by batch (a crash loses the batch in flight); a
-    re-run skips the (id, sample) already done and ends with the same files as an uninterrupted run:
-    both JSONL files are rewritten at the end in (row, sample) order, the summary from the records."""
+
+    Records and pairs are appended and flushed batch by batch (a crash loses the batch in flight). A
+    re-run with the same inputs (a content fingerprint of the model folder, the data and its images,
+    and every setting) skips the (id, sample) already done and ends with the same files as an
+    uninterrupted run; with other inputs it starts over, since one file must never mix two runs."""
     start, cfg = time.time(), dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    if not os.path.isfile(cfg.data):
+    if not os.path.exists(cfg.data):  # a file, or a folder of parquet shards
         raise FileNotFoundError(f"data file not found: {cfg.data}")
     if model is None:
         model, tok, processor = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
@@ -290,30 +278,38 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
         raise ValueError(f"{cfg.model}: tokenizer's {tok.image_token} id {tok.image_token_id} != "
                          f"image_token_index {model.config.image_token_index} in config.json")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    _check_resume(cfg)
-    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     out = {name: os.path.join(cfg.out_dir, name + ".jsonl") for name in ("responses", "selfcorset", "skipped")}
-
-    rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit)  # bad rows come back skipped
-    rows, too_long = _too_long(rows, tok, model, cfg)
-    rows = [dataclasses.replace(r, image_path=_image_file(r, cfg.out_dir)) for r in rows]
-    write_jsonl(out["skipped"], skipped + too_long)
+    rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit, split=cfg.split)  # bad rows: skipped
+    rows, unusable = _usable(rows, tok, model, cfg)
+    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "data", "out_dir", "device")}
+    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows})], models=[cfg.model])
+    before = read_json(os.path.join(cfg.out_dir, "config.json")) or {}
+    done = {}
+    if before.get("fingerprint") == key:
+        done = {(r["id"], r["sample"]): r for r in read_jsonl(out["responses"])}
+    elif os.path.exists(out["responses"]):
+        print(f"generate: {cfg.out_dir} holds rollouts of other inputs (model, data or settings); starting over")
+    write_json(os.path.join(cfg.out_dir, "config.json"), {**dataclasses.asdict(cfg), "fingerprint": key})
+    write_jsonl(out["skipped"], skipped + unusable)
     order = {(r.id, s): n for n, (r, s) in enumerate((r, s) for r in rows for s in range(cfg.samples))}
-    done = {(r["id"], r["sample"]): r for r in read_jsonl(out["responses"]) if (r["id"], r["sample"]) in order}
-    write_jsonl(out["responses"], list(done.values()))  # drop a cut-short last line before appending
+    done = {k: r for k, r in done.items() if k in order}
+    if done:
+        print(f"generate: reusing {len(done)} of {len(order)} rollouts in {cfg.out_dir} (same inputs)")
+    write_jsonl(out["responses"], list(done.values()))  # drops a cut-short last line before appending
     write_jsonl(out["selfcorset"], build_pairs(list(done.values())))
 
     device, n_tokens, seconds = next(model.parameters()).device, 0, 1e-9
     bar = tqdm(total=len(order), initial=len(done), desc="self-correction", unit="q", dynamic_ncols=True)
     with open(out["responses"], "a") as responses, open(out["selfcorset"], "a") as pairs:
-        for b, batch in enumerate(plan_batches(tok, rows, cfg.samples, cfg.batch_size)):
+        for b, batch in enumerate(plan_batches(tok, rows, cfg.samples, cfg.batch_size, cfg.turn1_layout)):
             if all((rows[i].id, s) in done for i, s in batch):
                 continue  # finished by an earlier run; a partly finished batch is redone whole
             t0 = time.time()
             records, tokens = rollout_batch(
                 model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
                 prompt=cfg.prompt, rounds=cfg.rounds, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens, generator=batch_generator(cfg.seed, b, device))
+                max_new_tokens=cfg.max_new_tokens, generator=batch_generator(cfg.seed, b, device),
+                layout=cfg.turn1_layout)
             seconds, n_tokens = seconds + time.time() - t0, n_tokens + tokens
             new = [r for r in records if (r["id"], r["sample"]) not in done]
             for r in new:  # image paths relative to the folder of the files, as in our data files
@@ -330,8 +326,8 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
     records = sorted(done.values(), key=lambda r: order[(r["id"], r["sample"])])
     write_jsonl(out["responses"], records)
     write_jsonl(out["selfcorset"], build_pairs(records))
-    summary = {**summarize(records, skipped + too_long), "seconds": round(time.time() - start, 2),
+    summary = {**summarize(records, skipped + unusable), "seconds": round(time.time() - start, 2),
                "generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / seconds, 2),
-               "config": dataclasses.asdict(cfg)}  # seconds and tokens: this invocation's work only
+               "fingerprint": key}  # seconds and tokens: this invocation's work only
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary

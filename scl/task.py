@@ -1,4 +1,4 @@
-"""The built-in synthetic task: multiple-choice questions about coloured shapes on a 3×3 grid (DESIGN §5).
+"""The built-in synthetic task: multiple-choice questions about coloured shapes on a 3×3 grid.
 
 Nothing can be downloaded, so the default experiment brings its own data: Pillow draws the scenes, a
 tiny LLaVA-architecture model is SFT-trained on them from scratch, and the SCL loop runs on top. The
@@ -7,7 +7,7 @@ stage runs the same code as for a user's data set.
 
 Why the task looks like this. A throwaway prototype with freely placed shapes reached only 33-38%
 after 7-13 minutes of CPU SFT, and its bottleneck was the option letter, not the image
-(research/feasibility.md). So everything here is shaped for a tiny model that learns in minutes:
+(docs/experiments.md). So everything here is shaped for a tiny model that learns in minutes:
 - One object per grid cell and one cell per ViT patch (`cell_px` must equal the model's patch size):
   each image token holds one whole object, colour, shape and size are linear in its pixels, and the
   cell is its position embedding. 48×48 px, 9 image tokens.
@@ -23,7 +23,7 @@ after 7-13 minutes of CPU SFT, and its bottleneck was the option letter, not the
 - The tokenizer makes each fixed protocol sentence one token (`protocol_sentences`): a turn-1 prompt
   is ~28 text tokens instead of ~59, a review message 5 instead of 57-74; SFT time is ∝ tokens.
 
-Issue 7, the review turn in SFT data: a share of SFT conversations carries turn 2 (turn-1 answer, a
+The review turn in SFT data: a share of SFT conversations carries turn 2 (turn-1 answer, a
 review prompt cp/vp1/vp2/vp3 drawn at random, a second answer), so the model knows the format. The
 trained second answer is always the correct response, the same target as a single-turn answer; the
 first answer is untrained context, sometimes a reasoning slip, so that the second is re-derived rather
@@ -37,8 +37,8 @@ from collections import Counter
 
 from PIL import Image, ImageDraw
 
-from scl.files import write_jsonl
-from scl.prompts import LETTERS, REVIEW_PROMPTS
+from scl.files import read_jsonl, write_jsonl
+from scl.prompts import LETTERS, REVIEW_PROMPTS, review_message, turn1_message
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -313,56 +313,53 @@ def build_split(seed, split, n, exclude=()):
     return rows
 
 
-def conversation(row, rng, review_fraction=0.25, turn1_message=None, review_message=None, describe=False,
-                 misread=0.0):
-    """An SFT conversation for `row`: turn 1, and with probability `review_fraction` a review turn
-    (DESIGN §1.2; prompt drawn from cp/vp1/vp2/vp3). Messages are {"role", "content"} (+ "train": False
-    on an answer that is context only); the image goes with message 0.
-
-    The review turn (issue 7). Its target is the correct answer, exactly what a single-turn answer is
-    trained to be. The first answer before it is context, never trained: with probability `misread` a
-    reasoning slip (the scene read out right, then steps and a letter that fit another scene), else the
-    correct answer. Why: if the first answer were always correct, copying it would be the best way to
-    predict the second, and the model learns to repeat itself (measured: sampled rollouts flipped 1% of
-    the time, 8 pairs from 800). A slip makes copying right only when the first answer was, so the steps
-    are worked out again from the description. Only slips, not misread scenes: when the first answer's
-    description could be wrong too, the model learned to distrust its own descriptions and single-turn
-    accuracy fell (seed 1: 50.8% -> 39.2%). Whether the second answer beats the first is measured, not
-    built in: the model's own first answers are not these planted ones, and its second can slip too."""
-    if turn1_message is None or review_message is None:
-        from scl import prompts  # lazily: scl.prompts is written alongside this module
-        turn1_message, review_message = prompts.turn1_message, prompts.review_message
-    answer = response(row["scene"], row, describe=describe)
+def conversation(row, rng, review_fraction=0.1):
+    """An SFT conversation for `row`: turn 1, and with probability `review_fraction` a review turn (a
+    review prompt drawn from cp/vp1/vp2/vp3, then the answer again), so the model knows the two-turn
+    format. Messages are {"role", "content"}; the image goes with message 0. The second answer is the
+    same correct response a single-turn answer is trained to be: nothing here teaches turn 2 to beat
+    turn 1 or to lose to it; what the review turn does to the trained model is measured."""
+    answer = response(row["scene"], row, describe=True)
     messages = [{"role": "user", "content": turn1_message(row["question"], row["options"])},
                 {"role": "assistant", "content": answer}]
     if rng.random() < review_fraction:
-        if rng.random() < misread:
-            wrong = rng.choice([x for x in CHOICES if x != row["answer"]])
-            slip = response(row["scene"], row, wrong)  # steps that fit another scene: a reasoning slip
-            messages[1] = {"role": "assistant", "content": f"{caption(row['scene'])} {slip}" if describe else slip,
-                           "train": False}
         messages += [{"role": "user", "content": review_message(rng.choice(REVIEWS))},
                      {"role": "assistant", "content": answer}]
     return messages
 
 
-def write_task(out_dir, seed=0, n_sft=20000, n_construct=2000, n_test=1000, cell_px=16,
-               review_fraction=0.25, turn1_message=None, review_message=None, describe=False, misread=0.0):
+def write_task(out_dir, seed=0, n_sft=20000, n_construct=1000, n_test=1000, cell_px=16, review_fraction=0.1,
+               blank=False):
     """Write out_dir/{sft,construct,test}.jsonl and out_dir/images/<split>/*.png; return the rows.
 
     Rows: {"id", "image", "question", "options", "answer"} (the generic format) plus "family",
     "params", "scene"; sft rows also carry "messages" (see `conversation`). The test split is drawn
-    first and construct second, so they do not change with n_sft."""
+    first and construct second, so they do not change with n_sft. `blank`: every image is the empty
+    background (the text-only baseline; the rows and answers are unchanged)."""
     rng, seen, splits = random.Random(f"scl-task/{seed}/conversations"), set(), {}
     for split, n in (("test", n_test), ("construct", n_construct), ("sft", n_sft)):
         rows = build_split(seed, split, n, exclude=seen)
         seen.update(content_key(r["scene"], r["question"]) for r in rows)
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
         for row in rows:
-            render(row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
+            render([] if blank else row["scene"], cell_px).save(os.path.join(out_dir, row["image"]), compress_level=1)
             if split == "sft":
-                row["messages"] = conversation(row, rng, review_fraction, turn1_message, review_message,
-                                               describe, misread)
+                row["messages"] = conversation(row, rng, review_fraction)
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)  # a complete file or none
         splits[split] = rows
     return splits
+
+
+def reasoning_counts(data: str, responses: str) -> dict:
+    """How many right answers in a rollout file, and how many chosen and rejected responses of its
+    SelfCorSet, carry the task's reference reasoning (`reasoned`)? A right letter after wrong steps is a
+    lucky guess, and a pair can only teach reasoning if its chosen response has it."""
+    from scl.selfcorrect import build_pairs
+
+    rows = {r["id"]: r for r in read_jsonl(data)}
+    records = read_jsonl(responses)
+    right = [(rows[x["id"]], t["text"]) for x in records for t in x["turns"] if t["correct"]]
+    pairs = build_pairs(records)
+    return {"right": len(right), "right_reasoned": sum(reasoned(row, text) for row, text in right),
+            "chosen_reasoned": sum(reasoned(rows[p["id"]], p["chosen"]) for p in pairs),
+            "rejected_reasoned": sum(reasoned(rows[p["id"]], p["rejected"]) for p in pairs)}

@@ -1,4 +1,4 @@
-"""Text <-> token ids, and the chat a VLM is trained and prompted with (DESIGN §2).
+"""Text <-> token ids, and the chat a VLM is trained and prompted with.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` read from a Hugging Face folder (`tokenizer.json` plus the
 roles in `tokenizer_config.json`); `render_chat` turns a conversation into ids and a loss mask:
@@ -6,7 +6,7 @@ roles in `tokenizer_config.json`); `render_chat` turns a conversation into ids a
     llava : <s>USER: <image>\\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:
     chatml: <|im_start|>user\\n<image>\\n{u1}<|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n...
 
-The single <image> is expanded to one id per image feature (vlm-format.md §2.9); the loss mask is 1
+The single <image> is expanded to one id per image feature, as LlavaProcessor does; the loss mask is 1
 on the assistant answers we train on (their text and the end-of-turn token that closes them).
 
 Parity with transformers (tests/test_tokenizer.py): the generation prompt of a first turn, which is
@@ -118,7 +118,7 @@ def _chat_template(path, cfg):
 
 
 def _match_transformers_llama(backend, cfg, tj):
-    """Footgun (vlm-format.md §5.7): old Llama SentencePiece `tokenizer.json` files prepend "▁" to
+    """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to
     every text chunk, so plain `tokenizers` gives `<image>` `▁\\n`... while transformers' LlamaTokenizer
     rebuilds the pre-tokenizer from `legacy` (default False: prepend "▁" only at the very start).
     We rebuild it the same way, so our ids are the ids the checkpoint was trained and served with.
@@ -137,6 +137,35 @@ def _match_transformers_llama(backend, cfg, tj):
 
 
 # ----------------------------------------------------------------------------- chat rendering
+
+# The same two formats as Jinja chat templates, for transformers: scl/weights.py `save_processor` writes
+# the folder's one as chat_template.jinja, and apply_chat_template then renders exactly the text
+# `_render_text` builds (tests/test_export.py). Content is a string or a list of {"type": "image"|"text"}
+# items, images first as "<image>\n"; system messages are dropped; assistant text is stripped.
+# No "<s>" in the template: the tokenizer adds it (add_bos_token), as llava-hf's llava-1.5 does, so the
+# processor's apply_chat_template(tokenize=True) and processor(text=rendered) both give exactly one. A
+# template that wrote "<s>" would get a second from processor(text=...), and in the built-in vocabulary
+# "USER:" after a literal "<s>" loses the "▁" it has at the start of a text. Footgun, as for llava-1.5:
+# the *tokenizer's* apply_chat_template(tokenize=True) adds no special tokens, so no <s>.
+_CONTENT = (
+    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
+    "{% endif %}{% set text = texts | join(' ') %}"
+    "{% if message['role'] == 'assistant' %}{% set text = text | trim %}{% endif %}")
+CHAT_TEMPLATES = {
+    # USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:
+    "llava": "{% for message in messages %}{% if message['role'] != 'system' %}"
+             "{{ message['role'].upper() + ': ' }}" + _CONTENT +
+             "{% if message['role'] == 'assistant' %}{{ text + eos_token }}"
+             "{% elif loop.last and not add_generation_prompt %}{{ text }}{% else %}{{ text + ' ' }}{% endif %}"
+             "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
+    # <|im_start|>user\n<image>\n{u1}<|im_end|>\n<|im_start|>assistant\n{a1}<|im_end|>\n...
+    "chatml": "{% for message in messages %}{% if message['role'] != 'system' %}"
+              "{{ '<|im_start|>' + message['role'] + '\n' }}" + _CONTENT + "{{ text + '<|im_end|>\n' }}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+}
+
 
 def _render_text(tok, messages, with_image, add_generation_prompt):
     """The conversation as one string, plus the character span of each assistant answer (its text
@@ -175,7 +204,7 @@ def _render_text(tok, messages, with_image, add_generation_prompt):
 
 
 def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, train_turns=None):
-    """Ids and loss mask of a conversation (INTERFACES.md). The image belongs to the first user
+    """Ids and loss mask of a conversation. The image belongs to the first user
     message and becomes `num_image_tokens` image ids; 0 means a text-only conversation.
     train_turns: indices among the assistant messages whose answers are trained (None = all)."""
     if tok.eos_token_id is None:

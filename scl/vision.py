@@ -1,6 +1,6 @@
 """The vision tower: CLIP ViT or SigLIP, returning the hidden states LLaVA picks its features from.
 
-One class covers both (DESIGN §2): they differ only in the class token, the pre-layernorm, the patch
+One class covers both: they differ only in the class token, the pre-layernorm, the patch
 conv's bias and the activation. Module names mirror transformers' CLIPVisionModel / SiglipVisionModel
 (`embeddings.patch_embedding`, `pre_layrnorm` — sic, `encoder.layers.N.self_attn.q_proj`, ...) so that
 loading is a name map (scl/weights.py).
@@ -9,7 +9,7 @@ LLaVA reads `hidden_states[vision_feature_layer]`: entry 0 is the (pre-normed) e
 output of layer i. `post_layernorm` only feeds CLIP's pooled output and SigLIP's last_hidden_state,
 neither of which LlavaModel.get_image_features uses (transformers 5.24): it exists so checkpoints load
 and save losslessly, and forward never calls it. SigLIP's attention-pooling `head` is not built at all;
-the loader drops its weights (vlm-format.md §4.1).
+the loader drops its weights.
 """
 import torch
 import torch.nn as nn

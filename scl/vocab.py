@@ -1,39 +1,25 @@
-"""The built-in task's tokenizer: a small BPE trained on the task's own text (DESIGN §5).
+"""The built-in task's tokenizer: a small BPE trained on the task's own text.
 
-Written in the same files a real checkpoint has (tokenizer.json + tokenizer_config.json with the
-llava-1.5 chat template), so scl/tokenizer.py and transformers both read it.
+Written in the same files a real checkpoint has (tokenizer.json + tokenizer_config.json with the LLaVA
+chat template of scl/tokenizer.py, which closes each answer with "</s>"), so scl/tokenizer.py and
+transformers both read it. As in llava-hf's llava-1.5, the "<s>" every sequence starts with comes from
+the tokenizer (add_bos_token and tokenizer.json's post-processor), not from the template.
 """
 import json
 import os
 import re
 
-from scl.prompts import REVIEW_PROMPTS
+from scl.prompts import REVIEW_PROMPTS, review_message, turn1_message
+from scl.tokenizer import CHAT_TEMPLATES
 
 # ---------------------------------------------------------------------------- tokenizer
 # A small BPE over the task's own text. Pre-tokenizer: newlines and . , ? stand alone (so the value
 # in "is 3, option B." is the same token as in the option line "B. 3"), then Metaspace splits on
 # spaces and marks them with "▁", and its decoder puts them back: decode(encode(text)) == text.
 
-# llava-1.5's chat template (research/vlm-format.md §2.8) without {% generation %} tags, with
-# LLaVA's "</s>" after each assistant turn: "USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:".
-# Content may be a string or a list of {"type": "image"|"text"} items; system messages are dropped.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list %}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ texts | join(' ') + eos_token }}{% else %}{{ texts | join(' ') + ' ' }}{% endif %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
-
-def protocol_sentences(turn1_message=None, review_message=None):
+def protocol_sentences():
     """The lines of the protocol prompts that never change (instructions, review prompts)."""
-    if turn1_message is None or review_message is None:
-        from scl import prompts
-        turn1_message, review_message = prompts.turn1_message, prompts.review_message
     question, options = "Q?", ["o1", "o2", "o3", "o4"]
     lines = [x for x in turn1_message(question, options).split("\n")
              if x != question and not re.fullmatch(r"[A-D]\. o\d", x)]
@@ -71,7 +57,7 @@ def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left", "add_bos_token": True,
               "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE}
+              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATES["llava"]}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return tok

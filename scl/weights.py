@@ -1,14 +1,16 @@
-"""Checkpoint folders in Hugging Face format: `load_vlm` reads them, `save_vlm` writes them (DESIGN §2).
+"""Checkpoint folders in Hugging Face format: `load_vlm` reads them, `save_vlm` writes them.
 
 A folder holds `config.json`, `model.safetensors` (or shards listed in `model.safetensors.index.json`)
 and optionally `generation_config.json`. The same tensors appear under four naming layouts in the wild
-(research/vlm-format.md §3.1); `canonical_name` maps each to our module names with the short table
+(below); `canonical_name` maps each to our module names with the short table
 `RENAMES`, and the loader then accounts for every key strictly: each checkpoint tensor is used or
 dropped for a stated reason (`DROPPED`), each model parameter is filled, shapes agree. Anything else is
 a `CheckpointError` with one line naming the file and the key — a half-loaded model that runs on random
 weights is the worst failure a loader can have.
 
 `save_vlm` writes layout (a), the one every llava-hf repo uses and transformers >= 4.52 loads.
+`save_processor` adds what transformers' AutoProcessor needs beside the tokenizer and the image
+recipe (processor_config.json, chat_template.jinja), as llava-hf folders carry them.
 """
 import json
 import re
@@ -19,7 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scl.config import ConfigError, VLMConfig
-from scl.files import atomic_write, write_json
+from scl.files import atomic_write, write_json, write_text
+from scl.image import ImageProcessor
+from scl.tokenizer import CHAT_TEMPLATES, Tokenizer
 from scl.vlm import VLM
 
 
@@ -27,7 +31,11 @@ class CheckpointError(ValueError):
     """A checkpoint folder we cannot load exactly; the one-line message names the file and the key."""
 
 
-# Applied in order, first match of each rule (vlm-format.md §3.3).
+# Applied in order, first match of each rule. The four layouts: (a) the llava-hf repos on the Hub:
+# `language_model.model.*`, `language_model.lm_head`, `vision_tower.vision_model.*`, `multi_modal_projector.*`;
+# (b) transformers 5.x in memory: `model.language_model.*`, `lm_head`, `model.vision_tower.*`, `model.multi_...`;
+# (c) what transformers 5.24 saves for a model built from scratch: (a) without `vision_model.`;
+# (d) transformers 4.52-5.5 in memory: (b) with `vision_model.`.
 RENAMES = [
     (r"^model\.language_model\.", "language_model.model."),  # (b), (d): transformers' in-memory names
     (r"^lm_head\.", "language_model.lm_head."),  # (b), (d)
@@ -131,6 +139,17 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
     return model.eval()
 
 
+def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, image processor) of a model folder. A folder without a processor file gets
+    the vision tower's own recipe (ImageProcessor.from_config)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    model = load_vlm(path, dtype=dtype, device=device)
+    own = any((Path(path) / f).exists() for f in ("preprocessor_config.json", "processor_config.json"))
+    return model, Tokenizer.from_dir(path), (ImageProcessor.from_dir(path) if own else
+                                             ImageProcessor.from_config(model.config))
+
+
 # -------------------------------------------------------------------- saving
 def save_vlm(model: VLM, path) -> None:
     """Write `model` as a Hub-layout (a) folder: model.safetensors, config.json, generation_config.json.
@@ -152,3 +171,33 @@ def save_vlm(model: VLM, path) -> None:
     gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
     write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+
+
+def save_processor(path, config: VLMConfig) -> None:
+    """Write processor_config.json and chat_template.jinja into a model folder that already holds its
+    tokenizer and preprocessor_config.json, so that transformers prepares exactly our inputs:
+    `AutoProcessor.from_pretrained(path).apply_chat_template(..., tokenize=True)` gives render_chat's
+    ids and our pixel values, and `LlavaForConditionalGeneration` then generates our tokens.
+
+    LlavaProcessor replaces each <image> with (S / patch)^2 + num_additional_image_tokens ids, minus one
+    under the "default" strategy: with the CLS token counted as the additional one, that is
+    config.num_image_tokens. The template is scl/tokenizer.py's for the folder's chat format.
+    """
+    path = Path(path)
+    if not (path / "preprocessor_config.json").is_file():
+        # Without it transformers has no image processor, and our ImageProcessor.from_dir would read
+        # processor_config.json as the image recipe: write the recipe first (scl/base.py does).
+        raise FileNotFoundError(f"{path / 'preprocessor_config.json'}: missing; save_processor needs the image recipe")
+    tok = Tokenizer.from_dir(path)  # the tokenizer transformers will load with it
+    if tok.image_token_id != config.image_token_index:
+        raise ValueError(f"{path}: tokenizer's {tok.image_token} id {tok.image_token_id} != image_token_index "
+                         f"{config.image_token_index} in the config")
+    vision = config.vision_config
+    write_json(path / "processor_config.json", {
+        "processor_class": "LlavaProcessor", "image_token": tok.image_token, "patch_size": vision.patch_size,
+        "num_additional_image_tokens": int(vision.has_class_token),
+        "vision_feature_select_strategy": config.vision_feature_select_strategy})
+    write_text(path / "chat_template.jinja", CHAT_TEMPLATES[tok.chat_format])
+    stale = path / "chat_template.json"
+    if stale.exists():  # transformers' processor reads this older file before chat_template.jinja
+        stale.unlink()

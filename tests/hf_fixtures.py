@@ -1,6 +1,6 @@
 """Tiny random LLaVA checkpoints built with transformers inside tests (helpers, not tests).
 
-transformers is the reference our model is checked against (research/vlm-format.md §5); it is imported
+transformers is the reference our model is checked against ; it is imported
 here, lazily, and never by scl/. Two families, both at toy sizes so building one costs ~0.1 s:
 
   "clip_llama"    CLIP ViT (class token, quick_gelu) + Llama with GQA (4 heads, 2 kv heads), untied head,
@@ -9,9 +9,9 @@ here, lazily, and never by scl/. Two families, both at toy sizes so building one
                   feature layer -1, strategy "full" (16 image tokens)
 
 Every parameter is re-randomized, norm weights and biases included: default init makes norms 1 and
-biases 0, so a loader that forgot them would still pass (vlm-format.md §5.6).
+biases 0, so a loader that forgot them would still pass.
 
-Also: rewrite a checkpoint into each of the four key layouts (vlm-format.md §3.1), split it into shards,
+Also: rewrite a checkpoint into each of the four key layouts (scl/weights.py), split it into shards,
 and build a left-padded batch with images.
 """
 import copy
@@ -125,7 +125,7 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
 
 
 def to_layout(key: str, layout: str) -> str:
-    """Any layout's key -> the same tensor's key in `layout` (vlm-format.md §3.1)."""
+    """Any layout's key -> the same tensor's key in `layout` (the layouts of scl/weights.py)."""
     key = re.sub(r"^model\.language_model\.", "language_model.model.", key)  # first to (a)
     key = re.sub(r"^lm_head\.", "language_model.lm_head.", key)
     key = re.sub(r"^model\.(vision_tower|multi_modal_projector)\.", r"\1.", key)

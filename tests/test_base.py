@@ -7,16 +7,17 @@ import torch
 from scl import task, vocab
 import itertools
 
-from scl.base import blank_image, encode_conversations, length_buckets
+from scl.base import encode_conversations, length_buckets
 from scl.prompts import review_message, turn1_message
 from scl.tokenizer import Tokenizer
 
 
-def test_blocks_train_the_assistant_answers_except_an_untrained_slip(tmp_path):
+def test_blocks_train_the_assistant_answers_marked_trained_and_nothing_else(tmp_path):
     rows = task.build_split(5, "sft", 40)
     rng = random.Random(0)
-    convs = [task.conversation(r, rng, review_fraction=1.0, turn1_message=turn1_message,
-                               review_message=review_message, misread=0.5) for r in rows]
+    convs = [task.conversation(r, rng, review_fraction=0.5) for r in rows]
+    for c in convs[::2]:
+        c[1]["train"] = False  # an answer that is context only
     texts = [m["content"] for c in convs for m in c] + [o for r in rows for o in r["options"]]
     vocab.train_tokenizer(texts, tmp_path, whole_tokens=vocab.protocol_sentences())
     tok = Tokenizer.from_dir(tmp_path)
@@ -31,18 +32,7 @@ def test_blocks_train_the_assistant_answers_except_an_untrained_slip(tmp_path):
             # targets are the next input token wherever they are trained
             keep = targets[row] != -100
             assert torch.equal(targets[row][keep], ids[row][1:][keep[:-1]])
-    assert 10 <= slips <= 30  # about half of the 40 first answers are slips
-
-
-def test_blank_image_is_the_background_only():
-    class Vision:
-        image_size = 48
-
-    class Config:
-        vision_config = Vision
-
-    im = blank_image(Config)
-    assert im.size == (48, 48) and np.array(im).reshape(-1, 3).tolist() == [list(task.BACKGROUND)] * 48 * 48
+    assert slips == 20  # the first answers marked as context above
 
 
 def test_length_buckets_pad_least_among_all_cuts():

@@ -1,4 +1,4 @@
-"""Benchmark: one DPO step (policy forward + backward) with and without prompt sharing (DESIGN §4).
+"""Benchmark: one DPO step (policy forward + backward) with and without prompt sharing.
 
 Run: python -m pytest -q -s -m bench tests/test_bench_dpo.py
 

@@ -1,7 +1,7 @@
 """Benchmarks of the log-prob kernels, opt in (each prints a table):
 
     python -m pytest -q -s -m bench tests/test_bench_logprobs.py    # CPU: chunked reference vs eager
-    python -m kernels.bench_gpu --out=bench/gpu.md                  # GPU: Triton vs eager/compile/CE
+    python -m bench.gpu --out=bench/gpu.md                  # GPU: Triton vs eager/compile/CE
 
 The CPU benchmark measures peak memory with the torch profiler: `profile_memory=True` records every
 allocation and free of torch's CPU allocator with its size and time; the running sum over the call
@@ -90,7 +90,7 @@ def print_table(title, rows):
 
 @pytest.mark.bench
 def test_cpu_chunked_vs_eager():
-    """Goal (issue 3): extra peak <= 1/4 of eager's, time <= 1.1x eager's, at N = 4096, V = 32000 fp32."""
+    """Goal: extra peak <= 1/4 of eager's, time <= 1.1x eager's, at N = 4096, V = 32000 fp32."""
     gen = torch.Generator().manual_seed(0)
     N, V = 4096, 32000
     logits = torch.randn(N, V, generator=gen) * 2
@@ -130,8 +130,8 @@ def test_cpu_linear_chunked_vs_eager():
 
 
 def test_gpu_bench_script_smoke(tmp_path):
-    """`python -m kernels.bench_gpu --smoke`: tiny shapes on CPU, Triton interpreted, every row filled."""
-    from kernels import bench_gpu
+    """`python -m bench.gpu --smoke`: tiny shapes on CPU, Triton interpreted, every row filled."""
+    from bench import gpu as bench_gpu
 
     out = tmp_path / "gpu.md"
     bench_gpu.main([f"--out={out}", "--smoke"])  # torch.compile with the "eager" backend on CPU
@@ -182,9 +182,9 @@ def test_recorded_gpu_tables_hold_the_claims():
 @pytest.mark.bench
 @pytest.mark.gpu
 def test_gpu_tables(tmp_path):
-    """On a CUDA machine `-m bench` also runs kernels/bench_gpu.py (~1-3 minutes), prints its tables and
+    """On a CUDA machine `-m bench` also runs bench/gpu.py (~1-3 minutes), prints its tables and
     checks the claims made from them."""
-    from kernels import bench_gpu
+    from bench import gpu as bench_gpu
 
     out = tmp_path / "gpu.md"
     bench_gpu.main([f"--out={out}"])

@@ -1,7 +1,7 @@
 """scl/config.py: the same resolved values as transformers' LlavaConfig for published and written configs.
 
 The published llava-1.5-7b-hf and llava-interleave-qwen-0.5b-hf config.json files are reconstructed
-from research/vlm-format.md §2.2 and §4.1 (no hub access). Run: python -m pytest -q tests/test_config.py
+written down from the published llava-hf configs (no hub access). Run: python -m pytest -q tests/test_config.py
 """
 import copy
 import json

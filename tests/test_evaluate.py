@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from scl.evaluate import accuracy, bootstrap_diff, compare, mcnemar, report_markdown, transitions
+from scl.evaluate import accuracy, bootstrap_diff, circular_accuracy, compare, mcnemar, report_markdown, transitions
 
 
 def rec(id_, *answers, gold="A"):
@@ -21,6 +21,14 @@ def test_accuracy_and_transitions_on_hand_made_records():
     assert accuracy(RECORDS, 1) == pytest.approx(4 / 6)
     assert transitions(RECORDS) == {"1": 2, "2": 1, "3": 1, "4": 1, "unparsed": 1}
     assert transitions([RECORDS[-1]], 1, 2) == {"1": 0, "2": 0, "3": 1, "4": 0, "unparsed": 0}
+
+
+def test_circular_accuracy_needs_every_rotation_right():
+    # question 7 asked three times (rotations 7, 1000007, 2000007), question 8 twice, all right but one
+    records = [rec("7", "A"), rec("1000007", "A"), rec("2000007", "B"), rec("8", "A"), rec("1000008", "A")]
+    assert circular_accuracy(records) == pytest.approx(1 / 2)
+    assert accuracy(records) == pytest.approx(4 / 5)
+    assert circular_accuracy(RECORDS) is None  # no rotated copies: no circular score
 
 
 def test_mcnemar_exact_on_known_tables():

@@ -53,9 +53,10 @@ def test_run_writes_responses_pairs_summary_and_config(tmp_path, model_dir, load
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["types"] == summary["types"] == {"1": 0, "2": 1, "3": 1, "4": 1, "unparsed": 1}
     assert on_disk["accuracy"] == {"turn1": 0.25, "turn2": 0.5} and on_disk["unparsed"] == {"turn1": 1, "turn2": 0}
-    assert on_disk["pairs"] == 2 and on_disk["skipped"] == 0 and on_disk["config"]["prompt"] == "vp2"
+    assert on_disk["pairs"] == 2 and on_disk["skipped"] == 0
     assert {"seconds", "tokens_per_s", "generated_tokens"} <= set(on_disk)
-    assert json.loads((out / "config.json").read_text())["batch_size"] == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 3 and config["prompt"] == "vp2" and config["fingerprint"] == on_disk["fingerprint"]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -151,16 +152,46 @@ def test_resume_after_a_crash_equals_an_uninterrupted_sampled_run(tmp_path, mode
         assert (tmp_path / "part" / name).read_text() == (tmp_path / "full" / name).read_text(), name
     assert summary["rollouts"] == 10
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
-    timing = ("seconds", "tokens_per_s", "generated_tokens", "config")  # config differs in out_dir only
+    timing = ("seconds", "tokens_per_s", "generated_tokens")
     assert {k: v for k, v in summary.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, model_dir, loaded, monkeypatch):
-    monkeypatch.setattr(sc, "generate", scripted(loaded[1], SCRIPT))
-    data = write_jsonl(tmp_path / "set.jsonl", make_rows(tmp_path, 2))
-    run(model_dir, data, tmp_path / "out", loaded)
-    with pytest.raises(ValueError, match="--prompt=vp2"):
-        run(model_dir, data, tmp_path / "out", loaded, prompt="cp")
+def test_a_rerun_reuses_the_same_inputs_and_starts_over_on_other_ones(tmp_path, model_dir, loaded, monkeypatch):
+    """Nothing is reused across inputs: other settings, other data contents or other model weights (same
+    paths) redo every rollout; the same inputs redo none."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    calls, script = [0], scripted(loaded[1], SCRIPT)
+
+    def counting(*args, **kw):
+        calls[0] += 1
+        return script(*args, **kw)
+    monkeypatch.setattr(sc, "generate", counting)
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    rows = make_rows(tmp_path, 2)
+    data = write_jsonl(tmp_path / "set.jsonl", rows)
+
+    def rerun(**flags):
+        calls[0] = 0
+        run(str(model), data, tmp_path / "out", loaded, **flags)
+        return calls[0]
+
+    assert rerun() == 2  # one batch, two turns
+    assert rerun() == 0  # same inputs: everything reused
+    assert rerun(prompt="cp") == 2  # another setting
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["prompt"] == "cp"
+    write_jsonl(tmp_path / "set.jsonl", [dict(rows[0], question=rows[0]["question"] + " Again?"), rows[1]])  # same path, new content
+    assert rerun(prompt="cp") == 2
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 1.0}, model / "model.safetensors")  # same folder, new weights
+    assert rerun(prompt="cp") == 2
+    assert rerun(prompt="cp") == 0
+    assert len(read(tmp_path / "out" / "responses.jsonl")) == 2
 
 
 # ---------------------------------------------------------------------------- the CLI end to end
@@ -176,7 +207,7 @@ def test_cli_end_to_end_on_a_tiny_model_with_format_flag(tmp_path, model_dir):
     assert [r["id"] for r in responses] == ["q0", "q1"] and all(len(r["turns"]) == 3 for r in responses)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["rollouts"] == 2 and set(summary["accuracy"]) == {"turn1", "turn2", "turn3"}
-    assert summary["config"]["device"] in ("cpu", "cuda")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["device"] in ("cpu", "cuda")
     assert parse_cli(sc.GenerateConfig, ["--model=m", "--data=d", "--out_dir=o", "--format=tsv"]).format == "tsv"
 
 

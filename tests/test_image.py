@@ -1,4 +1,4 @@
-"""ImageProcessor == transformers' CLIP / SigLIP / LLaVA image processors (vlm-format.md §2.7, §5.8).
+"""ImageProcessor == transformers' CLIP / SigLIP / LLaVA image processors.
 
 Compared against the PIL backend classes (`*ImageProcessorPil`), which is what transformers 5.24
 uses when torchvision is absent, as here; the torchvision backend may resize slightly differently.
@@ -111,13 +111,13 @@ def test_from_dir_hub_and_nested_layouts(tmp_path):
         ImageProcessor.from_dir(tmp_path / "missing")
 
 
-def test_from_vlm_config_defaults():
-    clip = ImageProcessor.from_vlm_config({"vision_config": {"model_type": "clip_vision_model", "image_size": 28}})
+def test_from_config_defaults():
+    clip = ImageProcessor.from_config({"vision_config": {"model_type": "clip_vision_model", "image_size": 28}})
     assert clip.size == {"shortest_edge": 28} and clip.crop_size == 28 and clip.do_center_crop
-    sig = ImageProcessor.from_vlm_config({"vision_config": {"model_type": "siglip_vision_model", "image_size": 384}})
+    sig = ImageProcessor.from_config({"vision_config": {"model_type": "siglip_vision_model", "image_size": 384}})
     assert sig.size == {"height": 384, "width": 384} and not sig.do_center_crop and sig.image_mean == (0.5,) * 3
 
-    assert ImageProcessor.from_vlm_config({}).size == {"shortest_edge": 336}  # LlavaConfig's default tower
+    assert ImageProcessor.from_config({}).size == {"shortest_edge": 336}  # LlavaConfig's default tower
 
     class Vision:  # attribute-style, like scl.config.VLMConfig
         model_type, image_size = "siglip_vision_model", 56
@@ -128,4 +128,4 @@ def test_from_vlm_config_defaults():
     assert ImageProcessor.from_config(Cfg()).size == {"height": 56, "width": 56}
     config = pytest.importorskip("scl.config")
     vlm = config.VLMConfig.from_dict({"vision_config": {"model_type": "clip_vision_model", "image_size": 336}})
-    assert ImageProcessor.from_vlm_config(vlm).size == {"shortest_edge": 336}
+    assert ImageProcessor.from_config(vlm).size == {"shortest_edge": 336}

@@ -106,7 +106,7 @@ def test_bad_inputs_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# A few DPO steps (DESIGN §1.6): same losses whichever implementation scores the tokens
+# A few DPO steps: same losses whichever implementation scores the tokens
 
 
 class TinyLM(torch.nn.Module):

@@ -179,7 +179,7 @@ def test_poison_catches_an_unwritten_row():
 
 
 # ---------------------------------------------------------------------------------------------
-# bf16 on the GPU (the CPU interpreter computes bf16 wrongly, research/kernels.md §6.2)
+# bf16 on the GPU (Triton's CPU interpreter computes bf16 wrongly)
 
 
 @pytest.mark.gpu

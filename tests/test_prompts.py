@@ -1,10 +1,10 @@
-"""The protocol's text is verbatim (research/paper.md §2.2-2.3) and laid out as DESIGN §1 says."""
+"""The protocol's text is the paper's released code's, verbatim, and laid out as scl/prompts.py says."""
 import pytest
 
 from scl import prompts
 from scl.answers import extract_answer
 
-# Copied by hand from the paper's released code (paper.md §2.3), IDs 0..3.
+# Copied by hand from the paper's released code (github.com/ivy3h/SCL), IDs 0..3.
 PAPER = {
     "cp": "Review your previous answer and find problems with your answer. Based on the problems you found, "
           "improve your answer.",
@@ -61,3 +61,14 @@ def test_an_echoed_format_sentence_does_not_hide_the_answer():
     # The sentence holds "##, like ## A ##": a stray "##" that must not pair with the real marker.
     assert extract_answer(FORMAT + " The circles are blue. ## C ##") == "C"
     assert extract_answer(FORMAT) == "A"  # the echo alone reads as its example: why the LAST one wins
+
+
+def test_turn1_official_layout_is_the_released_code():
+    # inference.py: question + " A. x B. y" + "\nExplain your reasoning step-by-step." + " Your final answer ..."
+    msg = prompts.turn1_message_official("How many circles are there?", ["two", "three", "four"])
+    assert msg == f"How many circles are there? A. two B. three C. four\n{COT} {FORMAT}"
+    # No hint, whatever the row holds; options split out of an MMStar question go back inline.
+    assert "Hint" not in msg and msg.count("\n") == 1
+    assert prompts.turn1_message("Q?", ["a", "b"]) == f"Q?\nA. a\nB. b\n{COT}\n{FORMAT}"  # unchanged
+    with pytest.raises(ValueError):
+        prompts.turn1_message_official("Q?", [])

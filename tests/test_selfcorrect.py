@@ -1,5 +1,5 @@
 """scl/selfcorrect.py: Type 1–4, the SelfCorSet pair rule, and multi-turn rollouts that keep the
-turn-1 answer in the context (paper §2–3). The helpers at the top (a tiny model folder, an MCQ file,
+turn-1 answer in the context. The helpers at the top (a tiny model folder, an MCQ file,
 a scripted stand-in for generate()) are shared with tests/test_generate.py."""
 import json
 import os

@@ -15,7 +15,6 @@ from task_checker import check_answer
 
 from scl.prompts import COT, FORMAT, review_message, turn1_message  # noqa: E402
 
-PROMPTS = dict(turn1_message=turn1_message, review_message=review_message)
 ANSWER = re.compile(r"So the answer is (.+), option ([A-D])\. ## ([A-D]) ##$")
 
 
@@ -27,7 +26,7 @@ def rows():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("task")
-    return out, task.write_task(out, seed=1, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
+    return out, task.write_task(out, seed=1, n_sft=400, n_construct=80, n_test=80)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def tokenizer_dir(written, tmp_path_factory):
     out, splits = written
     texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
     path = tmp_path_factory.mktemp("tokenizer")
-    vocab.train_tokenizer(texts, path, whole_tokens=vocab.protocol_sentences(**PROMPTS))
+    vocab.train_tokenizer(texts, path, whole_tokens=vocab.protocol_sentences())
     return path
 
 
@@ -44,8 +43,8 @@ def tokenizer_dir(written, tmp_path_factory):
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path, written):
     out, _ = written
-    task.write_task(tmp_path / "again", seed=1, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
-    task.write_task(tmp_path / "other", seed=2, n_sft=400, n_construct=80, n_test=80, **PROMPTS)
+    task.write_task(tmp_path / "again", seed=1, n_sft=400, n_construct=80, n_test=80)
+    task.write_task(tmp_path / "other", seed=2, n_sft=400, n_construct=80, n_test=80)
     for split in ("sft", "construct", "test"):
         mine = (out / f"{split}.jsonl").read_bytes()
         assert (tmp_path / "again" / f"{split}.jsonl").read_bytes() == mine
@@ -56,7 +55,7 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path, written):
 
 def test_test_and_construct_splits_do_not_depend_on_sft_size(tmp_path, written):
     out, _ = written
-    task.write_task(tmp_path, seed=1, n_sft=10, n_construct=80, n_test=80, **PROMPTS)
+    task.write_task(tmp_path, seed=1, n_sft=10, n_construct=80, n_test=80)
     for split in ("construct", "test"):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (out / f"{split}.jsonl").read_bytes()
 
@@ -169,42 +168,18 @@ def test_reasoned_tells_a_reasoned_answer_from_a_lucky_letter(rows):
 
 def test_sft_conversations_follow_the_protocol(written):
     _, splits = written
-    reviews, misread = 0, 0
+    reviews = 0
     for r in splits["sft"]:
         m = r["messages"]
         assert [x["role"] for x in m] in (["user", "assistant"], ["user", "assistant"] * 2)
         assert m[0]["content"] == turn1_message(r["question"], r["options"])
         assert m[0]["content"].split("\n")[1:] == [f"{x}. {o}" for x, o in zip("ABCD", r["options"])] + [COT, FORMAT]
-        if len(m) == 2:
-            assert ANSWER.search(m[1]["content"]).group(3) == r["answer"] and "train" not in m[1]
-            continue
-        # issue 7: the trained answer after a review is always the correct one, the single-turn target;
-        # the first answer is context: correct (and trained), or (with misread > 0) a slip never trained
-        reviews += 1
-        assert m[2]["content"] in [review_message(n) for n in task.REVIEWS]
-        assert m[3]["content"] == task.response(r["scene"], r) and "train" not in m[3]
-        if m[1].get("train", True):
-            assert m[1]["content"] == m[3]["content"]
-        else:
-            misread += 1
-            assert ANSWER.search(m[1]["content"]).group(3) != r["answer"]
-    assert 0.18 <= reviews / len(splits["sft"]) <= 0.32
-    assert misread == 0  # the default: both answers correct
-
-
-def test_misread_first_answers_read_the_scene_right_and_then_slip():
-    import random
-    rng, seen = random.Random(0), 0
-    for r in task.build_split(3, "sft", 300):
-        m = task.conversation(r, rng, review_fraction=1.0, turn1_message=turn1_message,
-                              review_message=review_message, describe=True, misread=1.0)
-        first, second = m[1]["content"], m[3]["content"]
-        assert second == task.response(r["scene"], r, describe=True)
-        assert first.startswith(task.caption(r["scene"]) + " ")  # the slip reads the scene out right ...
-        assert ANSWER.search(first).group(3) != r["answer"]  # ... and then reasons to a wrong letter
-        assert m[1]["train"] is False and "train" not in m[3]  # the slip is context, never a target
-        seen += 1
-    assert seen == 300
+        gold = task.response(r["scene"], r, describe=True)
+        assert m[1]["content"] == gold and ANSWER.search(gold).group(3) == r["answer"]
+        if len(m) == 4:  # a review turn: a review prompt, then the same correct answer
+            reviews += 1
+            assert m[2]["content"] in [review_message(n) for n in task.REVIEWS] and m[3]["content"] == gold
+    assert 0.05 <= reviews / len(splits["sft"]) <= 0.16
 
 
 # ---------------------------------------------------------------------------- images
@@ -250,7 +225,7 @@ def test_tokenizer_ids_and_round_trip(tokenizer_dir, written):
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids) == text and 0 not in ids  # no <unk>
-    for sentence in vocab.protocol_sentences(**PROMPTS):  # each fixed sentence is one token
+    for sentence in vocab.protocol_sentences():  # each fixed sentence is one token
         assert len(tok.encode(sentence, add_special_tokens=False).ids) == 1
     reply = tok.encode("There are 3. ## B ##", add_special_tokens=False)
     assert reply.tokens[-3:] == ["▁##", "▁B", "▁##"]
@@ -284,11 +259,11 @@ def test_tokenizer_loads_in_transformers_with_the_llava_chat_format(tokenizer_di
 @pytest.mark.bench
 def test_bench_write_default_sizes(tmp_path):
     start = time.perf_counter()
-    splits = task.write_task(tmp_path, seed=0, n_sft=20000, n_construct=2000, n_test=1000, **PROMPTS)
+    splits = task.write_task(tmp_path, seed=0, n_sft=20000, n_construct=2000, n_test=1000)
     written = time.perf_counter() - start
     texts = [m["content"] for r in splits["sft"] for m in r["messages"]]
     start = time.perf_counter()
-    tok = vocab.train_tokenizer(texts, tmp_path / "tok", whole_tokens=vocab.protocol_sentences(**PROMPTS))
+    tok = vocab.train_tokenizer(texts, tmp_path / "tok", whole_tokens=vocab.protocol_sentences())
     trained = time.perf_counter() - start
     prompt = [len(tok.encode(r["messages"][0]["content"], add_special_tokens=False).ids) for r in splits["sft"]]
     reply = [len(tok.encode(r["messages"][1]["content"], add_special_tokens=False).ids) for r in splits["sft"]]

@@ -1,5 +1,5 @@
 """Tokenizer + render_chat: ids equal transformers' on the same files, the loss mask covers exactly
-the trained answers, the image expands to one id per feature (vlm-format.md §2.8-2.9, §5.7)."""
+the trained answers, the image expands to one id per feature."""
 import json
 import os
 
@@ -12,7 +12,7 @@ from scl.tokenizer import Tokenizer, pad_left, render_chat, show_mask
 
 transformers = pytest.importorskip("transformers")
 
-# llava-hf/llava-1.5-7b-hf's chat template (vlm-format.md §2.8), {% generation %} tags included.
+# llava-hf/llava-1.5-7b-hf's chat template, {% generation %} tags included.
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "

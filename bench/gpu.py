@@ -1,7 +1,7 @@
 """GPU benchmark of the log-prob kernels against eager, torch.compile and F.cross_entropy.
 
-    python -m kernels.bench_gpu --out=bench/gpu.md            # on a CUDA machine, ~3-5 minutes
-    python -m kernels.bench_gpu --out=/tmp/smoke.md --smoke   # tiny shapes (no GPU: Triton interpreted, fp32)
+    python -m bench.gpu --out=bench/gpu.md            # on a CUDA machine, ~3-5 minutes
+    python -m bench.gpu --out=/tmp/smoke.md --smoke   # tiny shapes (no GPU: Triton interpreted, fp32)
 
 Logits input (bf16, N in {4096, 16384}, V in {32064, 152064}) and from hidden states (H = 4096, same
 N and V: the fused kernel, the chunked cuBLAS + Triton path, matmul + eager/compiled). For each case:
@@ -172,7 +172,7 @@ def main(argv=None):
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.smoke:
-        raise SystemExit("kernels.bench_gpu needs a CUDA device (or --smoke for tiny shapes on the CPU)")
+        raise SystemExit("bench.gpu needs a CUDA device (or --smoke for tiny shapes on the CPU)")
     if not on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules are first imported
     import triton
@@ -185,7 +185,7 @@ def main(argv=None):
     timer = _timer(device)
     copy_gbs = _copy_bandwidth(device, timer)
     name = (torch.cuda.get_device_name(device) if on_gpu else "cpu") + (" (smoke)" if args.smoke else "")
-    header = [f"# kernels/bench_gpu.py on {name}", "",
+    header = [f"# bench/gpu.py on {name}", "",
               f"torch {torch.__version__}, triton {triton.__version__}, {dtype}, median of {reps}; device-to-device "
               f"copy {copy_gbs:.0f} GB/s. Extra MB = peak beyond inputs, output and input gradients.", ""]
     tables = {False: [], True: []}  # linear? -> rows
