@@ -77,6 +77,7 @@ class TrainConfig:
     pair_fraction: float = 1.0  # train on this share of the pairs (the paper's data-size ablation)
     share_prefix: bool = True  # run image + prompt once for chosen and rejected
     grad_checkpointing: bool = False  # recompute decoder layers in backward to save memory
+    dtype: str = "float32"  # the frozen weights: float32 | bfloat16 (LoRA, optimizer, log-probs, loss stay fp32)
     save_every: int = 50  # optimizer steps between checkpoints
     resume: bool = False  # continue from out_dir/checkpoints/last (made from the same inputs)
     max_nan_steps: int = 10  # abort after this many skipped non-finite steps
@@ -92,7 +93,7 @@ SFT_FIELDS = ("seed", "n_sft", "n_construct", "n_test", "sft_steps", "sft_batch_
               "sft_review_fraction", "sft_compile", "model_preset", "blank_images")
 DPO_FIELDS = ("seed", "beta", "sft_alpha", "lr", "epochs", "batch_size", "micro_batch_size", "warmup_ratio",
               "weight_decay", "grad_clip", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-              "max_length", "pair_fraction", "share_prefix")
+              "max_length", "pair_fraction", "share_prefix", "dtype")
 
 
 def settings(cfg, fields) -> dict:
@@ -250,7 +251,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     if not os.path.isfile(cfg.pairs):
         sys.exit(f"error: pairs file not found: {cfg.pairs!r} (pass --pairs=FILE)")
     try:
-        model, tok, proc = load_model_dir(cfg.model, device=device)
+        model, tok, proc = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
     except (OSError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     pairs, skipped = read_pairs(cfg.pairs, tok, proc, model.config.num_image_tokens, cfg.max_length)
