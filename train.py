@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ def run_all(cfg: TrainConfig) -> dict:
     Every stage is the code a user runs by hand (train.py --stage=sft|dpo, generate.py, eval.py)."""
     from scl.evaluate import EvalConfig, experiment_report, run_eval
     from scl.selfcorrect import GenerateConfig, run_generate
-    from scl.task import reasoning_counts
+    from scl.task import answer_analysis, reasoning_counts
 
     t0, out, seconds = time.time(), cfg.out_dir, {}
     data, base = os.path.join(out, "data"), os.path.join(out, "base")
@@ -139,8 +138,10 @@ def run_all(cfg: TrainConfig) -> dict:
                     curve_prompt=cfg.prompt, batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                     device=cfg.device, seed=cfg.seed)
     evaluation = timed("eval", run_eval, ev)
-    result = {"sft": sft, "selfcorset": selfcorset, "dpo": dpo, "eval": evaluation, "stage_seconds": seconds,
-              "seconds": round(time.time() - t0, 1)}
+    analysis = {name: answer_analysis(ev.data, os.path.join(ev.out_dir, f"responses_{name}_sp.jsonl"))
+                for name in (("base", "scl") if scl else ("model",))}  # why the accuracies differ
+    result = {"sft": sft, "selfcorset": selfcorset, "dpo": dpo, "eval": evaluation, "analysis": analysis,
+              "stage_seconds": seconds, "seconds": round(time.time() - t0, 1)}
     write_json(os.path.join(out, "metrics.json"), result)
     text = experiment_report(result)
     write_text(os.path.join(out, "report.md"), text)
@@ -184,7 +185,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     # on several threads, so one seed gave different bases; deterministic mode keeps the eager kernel.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    log, gen = [], torch.Generator().manual_seed(cfg.seed)
+    gen, log = torch.Generator().manual_seed(cfg.seed), open(os.path.join(tmp, "log.jsonl"), "w")
     sizes = torch.tensor([len(rows) for rows, _, _ in blocks], dtype=torch.float)
     try:  # the mode is process-wide: put it back even if a step fails
         for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
@@ -199,13 +200,14 @@ def run_sft(cfg: TrainConfig) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            log.append({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm})
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm}) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        log.close()
     save_vlm(model.eval(), tmp)
-    write_text(os.path.join(tmp, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
-    result = {"fingerprint": key, "seconds": round(time.time() - t0, 1), "final_loss": log[-1]["loss"],
+    result = {"fingerprint": key, "seconds": round(time.time() - t0, 1), "final_loss": loss.item(),
               "parameters": sum(p.numel() for p in model.parameters())}
     write_json(os.path.join(tmp, "metrics.json"), result)
     atomic_write(base_dir, lambda t: os.replace(tmp, t))
@@ -242,7 +244,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     """DPO from cfg.model on cfg.pairs; the tuned model (LoRA merged) is written to out_dir/model/."""
     from scl.dpo import read_pairs, reference_logps
     from scl.lora import add_lora, merge_lora
-    from scl.weights import CheckpointError, load_model_dir, save_vlm
+    from scl.weights import CheckpointError, copy_processor_files, load_model_dir, save_vlm
 
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
@@ -250,6 +252,8 @@ def run_dpo(cfg: TrainConfig) -> dict:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     if not os.path.isfile(cfg.pairs):
         sys.exit(f"error: pairs file not found: {cfg.pairs!r} (pass --pairs=FILE)")
+    if not cfg.lora and cfg.dtype != "float32":  # AdamW's small steps would round away in 16-bit weights
+        sys.exit(f"error: --dtype={cfg.dtype} trains LoRA adapters (kept in fp32) only: pass --lora=true or --dtype=float32")
     try:
         model, tok, proc = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
     except (OSError, CheckpointError) as e:
@@ -275,7 +279,8 @@ def run_dpo(cfg: TrainConfig) -> dict:
 
     # The reference: the frozen starting model, scored once (before any adapter exists) and cached by the
     # fingerprint of the model and the pairs file.
-    ref_key = fingerprint({"max_length": cfg.max_length}, files=[cfg.pairs, *images], models=[cfg.model])
+    ref_key = fingerprint({"max_length": cfg.max_length, "dtype": cfg.dtype}, files=[cfg.pairs, *images],
+                          models=[cfg.model])
     cached = read_json(os.path.join(out, "reference_logps.json")) or {}
     reference = {k: tuple(v) for k, v in cached.get("logps", {}).items()}
     if cached.get("fingerprint") != ref_key or any(p["id"] not in reference for p in train):
@@ -309,10 +314,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
         merge_lora(model)
     export = os.path.join(out, "model")
     save_vlm(model.eval(), export)
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-                 "special_tokens_map.json", "chat_template.json", "chat_template.jinja"):  # what the model reads with
-        if os.path.exists(os.path.join(cfg.model, name)):
-            atomic_write(os.path.join(export, name), lambda t, n=name: shutil.copyfile(os.path.join(cfg.model, n), t))
+    copy_processor_files(cfg.model, export)
     result = dpo_summary(log, out)
     result.update(fingerprint=key, pairs_train=len(train), pairs_skipped=len(skipped), seconds=round(time.time() - t0, 1))
     write_json(os.path.join(out, "metrics.json"), result)
@@ -394,24 +396,12 @@ def train_dpo(cfg, model, params, optimizer, pairs, reference, pad_id, key, rank
 
 def dpo_summary(log: list[dict], out_dir: str) -> dict:
     """Means of the first and last tenth of the steps, and the PNG of loss, margins and accuracies."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scl.evaluate import plot_log
 
-    result, k = {"steps": len(log)}, max(1, len(log) // 10)
-    keys = ("loss", "rewards/margins", "rewards/accuracies")
-    for name in keys:
-        result[f"first/{name}"] = sum(r[name] for r in log[:k]) / k
-        result[f"last/{name}"] = sum(r[name] for r in log[-k:]) / k
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, name in zip(axes, keys):
-        ax.plot([r["step"] for r in log], [r[name] for r in log])
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "dpo.png"), dpi=100)
-    plt.close(fig)
-    return result
+    keys, k = ("loss", "rewards/margins", "rewards/accuracies"), max(1, len(log) // 10)
+    plot_log(log, keys, os.path.join(out_dir, "dpo.png"))
+    return {"steps": len(log), **{f"{when}/{name}": sum(r[name] for r in rows) / len(rows)
+                                  for name in keys for when, rows in (("first", log[:k]), ("last", log[-k:]))}}
 
 
 # -----------------------------------------------------------------------------

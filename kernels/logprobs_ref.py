@@ -16,8 +16,9 @@ Three versions, each with the signature of a Triton kernel in `logprobs.py` / `l
 - `token_logprobs_eager`: `log_softmax` + `gather`, the textbook line and the oracle of the tests
   (it computes in float64 when given float64).
 - `token_logprobs_ref`: the same numbers, chunked over rows, as an autograd.Function.
-- `linear_token_logprobs_ref`: from hidden states and the lm_head weight, chunked over tokens so the
-  (N, V) logits exist only one chunk at a time.
+- `linear_token_logprobs_ref`: from hidden states and the lm_head weight, chunked over tokens and
+  over blocks of the vocabulary (online logsumexp), so neither the (N, V) logits nor an fp32 copy of
+  a 16-bit weight ever exists whole.
 
 Memory. Eager `log_softmax` writes an (N, V) fp32 tensor and keeps it for backward; backward then
 builds a zero-filled (N, V) tensor for gather's gradient before log_softmax's backward writes the
@@ -127,46 +128,78 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index
 
 
 # ---------------------------------------------------------------------------------------------
-# Hidden states + lm_head weight, chunked over tokens (the (N, V) logits never exist at once)
+# Hidden states + lm_head weight, chunked over tokens and vocabulary (no (N, V) logits, no fp32 weight copy)
+
+
+def _blocks(N: int, V: int, H: int):
+    """Token chunks and vocabulary blocks for the hidden-state version: a block of Vb weight rows holds
+    about CHUNK_ELEMENTS numbers once cast to fp32, a chunk of C tokens gives C x Vb <= CHUNK_ELEMENTS logits."""
+    rows = max(1, min(V, CHUNK_ELEMENTS // max(H, 1)))  # Vb
+    tokens = max(1, CHUNK_ELEMENTS // rows)  # C
+    return ([slice(t, min(t + tokens, N)) for t in range(0, N, tokens)],
+            [slice(v, min(v + rows, V)) for v in range(0, V, rows)])
+
+
+def _target_column(safe_y, vs):
+    """Which rows' target falls in vocabulary block vs, and its column there (clamped where it does not)."""
+    inside = (safe_y >= vs.start) & (safe_y < vs.stop)
+    return inside, (safe_y - vs.start).clamp(0, vs.stop - vs.start - 1)[:, None]
 
 
 class LinearTokenLogprobsRefFunction(torch.autograd.Function):
+    # Blocks of the vocabulary, not only chunks of tokens: with a 16-bit lm_head (bf16 models) a chunk of
+    # tokens against the whole (V, H) weight would need the weight in fp32 at once (622 MB for a
+    # 152000 x 1024 head) and read it again for every chunk. Here one fp32 block of the weight exists at a
+    # time, it is read once per token chunk (a DPO batch is one chunk), and logsumexp runs online over blocks.
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
-        N, V = hidden.shape[0], weight.shape[0]
+        N, V, H = hidden.shape[0], weight.shape[0], hidden.shape[1]
         keep = targets != ignore_index
         safe_y = torch.where(keep, targets, 0).long()
-        w = weight.float()  # (V, H); fp32 math throughout (a copy only for 16-bit weights)
-        logp = _empty(N, torch.float32, hidden.device)
-        for _, ts in _row_chunks(1, N, V):
-            lsm = torch.log_softmax(hidden[ts].float() @ w.T, dim=-1)  # (C, V)
-            logp[ts] = torch.where(keep[ts], lsm.gather(-1, safe_y[ts, None]).squeeze(-1), 0.0)
-        ctx.save_for_backward(hidden, weight, safe_y, keep)
-        return logp
+        chunks, blocks = _blocks(N, V, H)
+        lse = _empty(N, torch.float32, hidden.device)
+        z_y = torch.zeros(N, dtype=torch.float32, device=hidden.device)  # the target's logit
+        for ts in chunks:
+            h = hidden[ts].float()  # (C, H)
+            m = torch.full((h.shape[0],), float("-inf"), device=h.device)  # running max
+            s = torch.zeros(h.shape[0], device=h.device)  # running sum of exp(z - m)
+            for vs in blocks:
+                z = h @ weight[vs].float().T  # (C, Vb) fp32
+                m_new = torch.maximum(m, z.amax(-1))
+                s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
+                m = m_new
+                inside, col = _target_column(safe_y[ts], vs)
+                z_y[ts] = torch.where(inside, z.gather(-1, col).squeeze(-1), z_y[ts])
+            lse[ts] = m + s.log()
+        ctx.save_for_backward(hidden, weight, safe_y, keep, lse)
+        return torch.where(keep, z_y - lse, 0.0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
-        hidden, weight, safe_y, keep = ctx.saved_tensors
-        N, V = hidden.shape[0], weight.shape[0]
+        hidden, weight, safe_y, keep, lse = ctx.saved_tensors
+        N, V, H = hidden.shape[0], weight.shape[0], hidden.shape[1]
         need_dh, need_dw = ctx.needs_input_grad[:2]
         g = torch.where(keep, grad_logp.float(), 0.0)
-        w = weight.float()
-        dh = _empty(hidden.shape, torch.float32, hidden.device) if need_dh else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None  # fp32 accumulator
-        for _, ts in _row_chunks(1, N, V):
+        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None  # fp32 sums
+        chunks, blocks = _blocks(N, V, H)
+        for ts in chunks if (need_dh or need_dw) else []:
             h = hidden[ts].float()  # (C, H)
-            dz = torch.softmax(h @ w.T, dim=-1).mul_(-g[ts, None])  # (C, V) from recomputed logits
-            dz.scatter_add_(-1, safe_y[ts, None], g[ts, None])  # true-class term in fp32
-            if need_dh:
-                dh[ts] = dz @ w  # (C, H)
-            if need_dw:
-                dw.addmm_(dz.T, h)  # (V, H) += (V, C) @ (C, H)
+            for vs in blocks:
+                w = weight[vs].float()  # (Vb, H)
+                dz = torch.exp((h @ w.T).sub_(lse[ts, None])).mul_(-g[ts, None])  # -g * softmax, recomputed
+                inside, col = _target_column(safe_y[ts], vs)
+                dz.scatter_add_(-1, col, torch.where(inside, g[ts], 0.0)[:, None])  # true-class term in fp32
+                if need_dh:
+                    dh[ts].addmm_(dz, w)  # (C, H) += (C, Vb) @ (Vb, H)
+                if need_dw:
+                    dw[vs].addmm_(dz.T, h)  # (Vb, H) += (Vb, C) @ (C, H)
         return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None, None, None)
 
 
 def linear_token_logprobs_ref(hidden, weight, targets, ignore_index=-100):
-    """Per-token log-probabilities of `hidden @ weight.T`, chunked over tokens.
+    """Per-token log-probabilities of `hidden @ weight.T`, chunked over tokens and vocabulary blocks.
 
     Args:
         hidden: (N, H) float hidden states (after the final norm).

@@ -143,6 +143,22 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
 
 # ---------------------------------------------------------------------------- report
 
+def plot_log(rows: list[dict], keys, path: str) -> None:
+    """One panel per metric of a training log against its step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, key in zip(axes, keys):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_rounds(metrics_by_model: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -228,6 +244,24 @@ def experiment_report(result: dict) -> str:
         lines += ["", f"Right answers that carry the task's reference reasoning: {r['right_reasoned']} of {r['right']} "
                       f"in the rollouts; chosen responses {r['chosen_reasoned']} of {sc['pairs']}, rejected "
                       f"{r['rejected_reasoned']}."]
+    an = result.get("analysis", {})
+    if "scl" in an:
+        b, t = an["base"], an["scl"]
+        kinds = ("reasoned", "misread", "slip", "letter", "format")
+        lines += ["", "## Why: what the answers are made of (test, single turn, greedy)", "",
+                  "| model | " + " | ".join(kinds) + " | right answers reasoned |", "|---" * (len(kinds) + 2) + "|"]
+        for name, a in (("base", b), ("SCL", t)):
+            lines.append(f"| {name} | " + " | ".join(str(a["kinds"].get(k, 0)) for k in kinds) +
+                         f" | {a['right_reasoned']} of {a['right']} |")
+        lines += ["", "Kinds: reasoned = every step of the scan and the letter right; misread = a cell described "
+                      "wrong; slip = every cell right, a count or the marked object wrong; letter = the scan right, "
+                      "the value or letter wrong.", "",
+                  "| gold letter | " + " | ".join(b["accuracy_by_letter"]) + " |", "|---" * 5 + "|"]
+        for name, a in (("base", b), ("SCL", t)):
+            lines.append(f"| {name} accuracy | " + " | ".join(f"{100 * v:.1f}%" for v in a["accuracy_by_letter"].values())
+                         + " |")
+            lines.append(f"| {name} answered | " + " | ".join(str(a["answered"].get(k, 0)) for k in b["accuracy_by_letter"])
+                         + " |")
     lines += ["", "## What a review turn does to the base model (test, greedy)", "",
               "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|"]
     for p, v in base["prompts"].items():

@@ -41,11 +41,19 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        a = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
+        # x·Aᵀ runs in x's dtype (the matmul accumulates in fp32) and its r columns are then promoted: casting
+        # x to fp32 instead would keep an fp32 copy of each adapted layer's input for backward, three per
+        # decoder layer, more memory than the bf16 activations themselves. The price: A's gradient comes out
+        # of a bf16 product (rounded once, ~3 significant digits, before fp32 accumulation and AdamW's
+        # normalisation). On an fp32 model both ways are the same computation.
+        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype)).float()  # (..., r) fp32
+        return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)  # (..., out) in y's dtype
 
     def merged_weight(self):
-        """W + (α/r)·B·A, in the weight's dtype (the sum is done in fp32)."""
+        """W + (α/r)·B·A, in the weight's dtype. The sum is done in fp32 and rounded once: rounding B·A to
+        bf16 first and adding in bf16 would round twice. Footgun: a bf16 weight still loses every part of
+        the update below half a unit in its last place, so a merged bf16 model matches its adapters only to
+        bf16 precision."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
         return (self.weight.float() + delta).to(self.weight.dtype)
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scl.config import ConfigError, VLMConfig
-from scl.files import atomic_write, write_json, write_text
+from scl.files import MODEL_FILES, atomic_write, write_json, write_text
 from scl.image import ImageProcessor
 from scl.tokenizer import CHAT_TEMPLATES, Tokenizer
 from scl.vlm import VLM
@@ -201,3 +201,13 @@ def save_processor(path, config: VLMConfig) -> None:
     stale = path / "chat_template.json"
     if stale.exists():  # transformers' processor reads this older file before chat_template.jinja
         stale.unlink()
+
+
+def copy_processor_files(src, dst) -> None:
+    """The tokenizer, image-processor and chat-template files of model folder `src`, copied into `dst`
+    (a tuned model is read with the tokenizer and processor of the model it started from)."""
+    import shutil
+
+    for name in MODEL_FILES[1:] + ("special_tokens_map.json",):
+        if (Path(src) / name).exists():
+            atomic_write(Path(dst) / name, lambda tmp, n=name: shutil.copyfile(Path(src) / n, tmp))

@@ -144,3 +144,43 @@ def test_merge_gives_the_adapted_model_as_a_plain_checkpoint(tmp_path, kind):
         hf_logits = hf.eval()(input_ids=ids, attention_mask=mask, pixel_values=pix,
                        position_ids=hx.hf_position_ids(mask)).logits.float()
     torch.testing.assert_close(hf_logits[real], merged[real], atol=1e-4, rtol=0)
+
+
+def test_bf16_base_trains_fp32_adapters_and_merges_in_fp32():
+    """A bf16 model: adapters, their gradients and AdamW's state are fp32; outputs keep the base dtype;
+    merge_lora rounds W + (α/r)·B·A to bf16 once, so the merged model equals the adapted one to bf16
+    precision (not exactly: the update is below bf16's resolution in places)."""
+    model = tiny_model().to(torch.bfloat16)
+    params = add_lora(model, r=4, alpha=8, dropout=0.0)
+    assert all(p.dtype == torch.float32 for p in params)
+    q = model.language_model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == torch.bfloat16
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    for step in range(3):
+        ids, pix = inputs(model, seed=step)
+        logits = model(ids[:, :-1], pix.bfloat16())  # (B, T-1, V) fp32
+        nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        assert all(p.grad.dtype == torch.float32 for p in params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(s.dtype == torch.float32 for st in opt.state.values() for s in st.values() if s.dim())
+    model.eval()
+    x = torch.randn(5, 32).bfloat16()
+    assert q(x).dtype == torch.bfloat16
+    # The adapter term is computed in fp32 from x·Aᵀ and added once.
+    a = nn.functional.linear(x, q.lora_A.bfloat16()).float()
+    want = (nn.functional.linear(x, q.weight, q.bias) + (a @ q.lora_B.T * q.scale).bfloat16())
+    torch.testing.assert_close(q(x), want, atol=0, rtol=0)
+    # The merge is the fp32 sum, rounded once.
+    exact = (q.weight.float() + q.scale * q.lora_B @ q.lora_A).bfloat16()
+    assert torch.equal(q.merged_weight(), exact)
+    ids, pix = inputs(model, seed=9)
+    with torch.no_grad():
+        tuned = model(ids, pix.bfloat16())
+        with lora_disabled(model):
+            assert (tuned - model(ids, pix.bfloat16())).abs().max() > 1e-2  # the adapters moved the model
+        merge_lora(model)
+        merged = model(ids, pix.bfloat16())
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, tuned, atol=0.05, rtol=0.02)  # bf16 rounding of the merged weight
