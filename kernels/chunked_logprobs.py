@@ -1,25 +1,9 @@
-"""Per-token log-probabilities from hidden states and the lm_head weight, for speed on a GPU: the
-three matrix products in cuBLAS, the softmax in the Triton logits kernel (`logprobs.py`), one chunk
-of tokens at a time.
-
-    forward, per chunk:   z = h_c @ W.T (C, V);  logp_c, lse_c = logits kernel (z)
-    backward, per chunk:  z again;  dz = g * (onehot - exp(z - lse)) written over z;
-                          dh_c = dz @ W;  dW += dz.T @ h_c   (dW summed over chunks in fp32)
-
-Why beside the fused kernel (`linear_logprobs.py`). That one never holds more than a tile of logits,
-but on an H200 its backward is bound by fp32 atomics and its fwd+bwd runs 3.6-4.1x slower than
-matmul + eager. Here the products run at cuBLAS speed and only one (C, V) chunk of logits exists at
-a time (C * V ~ GPU_CHUNK_ELEMENTS); the price is memory of one chunk instead of one tile, plus, for
-a 16-bit weight, one (V, H) product per chunk before it is added into the fp32 dW. Measured on an
-H200 (bench/gpu.md, bf16, H = 4096): fwd+bwd 2.7-3.6x faster than the fused kernel and 0.70-0.87x
-the speed of matmul + eager, with 1.6-9.5x less memory than eager; forward alone 1.2-1.3x faster
-than eager. It is `linear_token_logprobs`'s CUDA default.
-
-Both do 8NHV flops: DPO knows the upstream gradient only after scoring whole sequences, so the
-backward recomputes the logits (eager keeps them, 6NHV, at several (N, V) tensors of memory).
-
-Numerics are eager's: the logits are rounded to the operand dtype (the fused kernel keeps them in
-fp32), each chunk's dW product is rounded once before the fp32 sum, dh is each chunk's product.
+"""Per-token log-probabilities from hidden states and the lm_head weight, fast on a GPU: per token
+chunk, z = h_c @ W.T in cuBLAS and the Triton logits kernel (`logprobs.py`); the backward recomputes
+z, writes dz over it, then dh_c = dz @ W and dW += dz.T @ h_c (summed in fp32). Unlike the fused
+kernel (`linear_logprobs.py`), whose backward is bound by fp32 atomics, the products run at cuBLAS
+speed, with one (C, V) chunk of logits at a time (bench/gpu.md). Numerics are eager's: the logits
+are rounded to the operand dtype.
 """
 import torch
 from torch.autograd.function import once_differentiable

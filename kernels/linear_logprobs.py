@@ -1,32 +1,11 @@
-"""Per-token log-probabilities straight from hidden states and the lm_head weight, in Triton,
-without ever materializing the (N, V) logits.
+"""Per-token log-probabilities straight from hidden states and the lm_head weight, in Triton, without
+ever materializing the (N, V) logits (`logprobs_ref.linear_token_logprobs_ref` is the same in PyTorch).
 
-    z = h @ W.T  (N, V),   logp[n] = z[n, y_n] - logsumexp_v z[n, v]
-    dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))
-    dh = dz @ W  (N, H),   dW = dz.T @ h  (V, H)
-
-`logprobs_ref.linear_token_logprobs_ref` computes the same in PyTorch one token chunk at a time.
-
-Why fuse. At N = 16384 tokens and a 152k vocab the bf16 logits alone are 5 GB and eager's fp32
-log_softmax another 10 GB; DPO needs only N numbers. This op is compute bound (2NHV flops forward,
-arithmetic intensity ~16,000 flop/byte at H = 4096), so fusion buys memory, O(N + V)
-beyond the gradients, at about the speed of the GEMMs it contains; it cannot be much faster.
-
-Forward: a grid of (token block, vocab split). Each program computes (BLOCK_N, BLOCK_V) logit tiles
-with `tl.dot` over H and merges them into a running max m and rescaled sum d per token (online
-softmax, arXiv:1805.02867), picking the target logit out of the tile that holds it. Splitting the
-vocabulary gives the GPU enough programs when N is small; the splits' partial (m, d, z_y) land in a
-small (splits, N) buffer that the launcher merges, deterministically, without locks.
-
-Backward: the upstream gradient g is known only after DPO has scored whole sequences, so lse is
-saved and each (token block, vocab tile) program recomputes its logit tile (8NHV flops in all,
-CCE-style: Wijmans et al. 2024, arXiv:2411.09009), forms dz in fp32 (true-class term before any
-rounding), and adds dz @ W_tile into dh and dz.T @ h_block into dW with fp32 atomics. The two
-gradients are fp32 buffers (converted to the inputs' dtype at the end): many programs add into
-each row, and a bf16 accumulator would lose the small additions. Atomic order varies on
-the GPU, so dh and dW can differ in the last fp32 bits between runs (the interpreter is serial).
-Tiles are visited in groups of GROUP_N token blocks so that concurrent programs spread their atomics
-over several dh and dW rows instead of all hitting one (as in the Triton matmul tutorial).
+Forward: (token block, vocab split) programs compute logit tiles with `tl.dot`, keep a running max and
+sum per token (online softmax) and pick out the target logit; the launcher merges the splits.
+Backward: each (token block, vocab tile) program recomputes its tile from the saved lse (CCE-style,
+arXiv:2411.09009), forms dz in fp32 and adds dz @ W into dh and dz.T @ h into dW with fp32 atomics
+(a bf16 accumulator would lose the small additions; atomic order varies, so the last bits can too).
 """
 import torch
 import triton
@@ -38,12 +17,8 @@ from kernels.logprobs_ref import _empty
 
 def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch options, the one place they are chosen (no autotune: see logprobs.py).
-
-    GPU: 16-bit operands on tensor cores with fp32 accumulation; fp32 operands use exact ("ieee")
-    products to match torch's default fp32 matmul. Interpreter: tiles large in N and H (one numpy
-    call per op, so fewer is faster) but 128 wide in V, so the test sizes cross tile and split
-    borders; tl.dot needs every tile side >= 16.
-    """
+    fp32 operands use exact ("ieee") products, as torch's fp32 matmul. Interpreter: tiles large in N
+    and H (fewer numpy calls) but 128 wide in V, so test sizes cross tile and split borders."""
     on_gpu = device.type == "cuda"
     if not on_gpu:
         cfg = dict(BLOCK_N=max(16, min(64, triton.next_power_of_2(N))), BLOCK_V=128,
@@ -65,9 +40,7 @@ def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) 
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels
-
+# ------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_hk, stride_wv, stride_wk,
@@ -133,7 +106,8 @@ def _linear_logprobs_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     PRECISION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
-    # 1. Program id -> (token block, vocab tile), grouped: GROUP_N token blocks per sweep of V.
+    # 1. Program id -> (token block, vocab tile), GROUP_N token blocks per sweep of V, so concurrent
+    #    atomics spread over several rows (as in Triton's matmul tutorial).
     pid = tl.program_id(0)
     n_blocks, n_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V)
     first = (pid // (GROUP_N * n_tiles)) * GROUP_N
@@ -171,9 +145,7 @@ def _linear_logprobs_bwd_kernel(
                           mask=(cols[:, None] < V) & (ks[None, :] < H), sem="relaxed")
 
 
-# ---------------------------------------------------------------------------------------------
-# Launchers and autograd
-
+# --------------------------------------------------------------------------- launchers and autograd
 
 def linear_logprobs_fwd(hidden, weight, targets, ignore_index):
     """hidden (N, H), weight (V, H), targets (N,) -> logp (N,) fp32, lse (N,) fp32."""

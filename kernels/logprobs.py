@@ -1,26 +1,10 @@
-"""Per-token log-probabilities from logits, in Triton: one read of the logits forward, one read and
-one write backward.
+"""Per-token log-probabilities from logits, in Triton (`logprobs_ref.py` is the same in PyTorch).
 
-    logp[n] = z[n, y_n] - lse[n],    lse[n] = logsumexp_v z[n, v]                 (forward)
-    dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))                    (backward)
-
-`logprobs_ref.py` holds the same function in PyTorch; read it first.
-
-Memory traffic (b bytes per logit, 2 for bf16) is the whole cost of this bandwidth-bound op:
-- eager `log_softmax(z.float()).gather(y)`: forward reads z (b), writes and re-reads an fp32 copy
-  (4 + 4) and writes the fp32 log_softmax (4), kept for backward; backward writes a zero-filled
-  fp32 gather gradient (4), reads it with the log_softmax (4 + 4), writes the fp32 gradient (4),
-  then reads it (4) to write it in z's dtype (b): about 32 + 2b bytes per logit, 36 for bf16.
-- here: forward reads each row once, keeping a running max m and a rescaled sum d in fp32 (online
-  softmax, Milakov & Gimelshein 2018, arXiv:1805.02867, Alg. 3) and saves lse, 4 bytes per *row*;
-  backward reads z once more and writes dz: 3b bytes per logit (6 for bf16), the minimum for a
-  backward that cannot start before DPO knows g.
-
-Forward: one program per row, a loop over vocab blocks. Backward: a (row, vocab block) grid, each
-program independent. Row offsets are int64: n * stride passes 2^31 at N*V > 2.1e9 (triton#1058).
-The gradient goes to a new buffer, never into the logits in place: Triton stores do not bump
-autograd's version counter, so anything else that saved the logits would silently see dz
-(Liger #254/#343).
+Bound by memory traffic: the forward reads each row once (online softmax, arXiv:1805.02867) and
+saves lse, 4 bytes per row; the backward reads z once more and writes dz. Row offsets are int64
+(n * stride passes 2^31 at N*V > 2.1e9). Footgun: the gradient goes to a new buffer, never into the
+logits: Triton stores do not bump autograd's version counter, so anything else that saved the logits
+would silently see dz.
 """
 import torch
 import triton
@@ -31,19 +15,13 @@ from kernels.logprobs_ref import _as_3d, _empty
 
 
 def _settings(V: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps), the one place block sizes are chosen (no autotune: the interpreter lacks it).
-
-    On the GPU 8192-wide blocks (4-8K is where streaming kernels reach HBM speed). In the CPU
-    interpreter each op costs the same whatever its width; 1024 keeps it fast and makes the test
-    sizes (V up to 4099) cross block borders, so the online merge and the tail mask are exercised.
-    """
+    """(BLOCK_V, num_warps), the one place block sizes are chosen (no autotune: the interpreter lacks
+    it). GPU: 8192-wide blocks reach HBM speed. Interpreter: 1024, so test sizes cross block borders."""
     block = min(8192 if device.type == "cuda" else 1024, triton.next_power_of_2(V))
     return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels
-
+# ------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
 def _logprobs_fwd_kernel(
@@ -105,7 +83,7 @@ def _logprobs_bwd_kernel(
         return
 
     # 3. Softmax recomputed from the saved lse; g * (onehot - p) formed in fp32 and rounded once,
-    #    so the true-class entry g * (1 - p_y) keeps its precision when p_y -> 1 (Liger #1329).
+    #    so the true-class entry g * (1 - p_y) keeps its precision when p_y -> 1.
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     p = tl.exp(z - tl.load(lse_ptr + row))
@@ -114,9 +92,7 @@ def _logprobs_bwd_kernel(
     tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# Launchers: shapes, buffers, grid
-
+# ----------------------------------------------------------------- launchers: shapes, buffers, grid
 
 def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """logits (B, T, V) with unit last stride, targets (B*T,) -> logp (B*T,) fp32, lse (B*T,) fp32."""

@@ -1,46 +1,20 @@
 """Per-token log-probabilities in plain PyTorch: the test oracle, the benchmark baseline, the CPU path.
 
-    logp[n] = z[n, y_n] - logsumexp_v z[n, v]          (0 where y_n == ignore_index)
+    logp[n] = z[n, y_n] - logsumexp_v z[n, v]                  (0 where y_n == ignore_index)
+    dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))   (g: the upstream gradient)
 
-DPO scores a response by summing these over its tokens. With an upstream gradient
-g[n] (non-uniform in DPO: each sequence's tokens get that pair's sigmoid weight) the gradient is
-
-    dz[n, v] = g[n] * (onehot(y_n)[v] - softmax(z[n])[v]),  softmax(z[n])[v] = exp(z[n, v] - lse[n])
-
-so the backward can recompute softmax from the logits instead of keeping an (N, V) tensor. (The
-Triton kernels keep lse, N floats, and recompute softmax as exp(z - lse); here torch.softmax, one
-fused op per chunk, does the same work.)
-
-Three versions, each with the signature of a Triton kernel in `logprobs.py` / `linear_logprobs.py`:
-
-- `token_logprobs_eager`: `log_softmax` + `gather`, the textbook line and the oracle of the tests
-  (it computes in float64 when given float64).
-- `token_logprobs_ref`: the same numbers, chunked over rows, as an autograd.Function.
-- `linear_token_logprobs_ref`: from hidden states and the lm_head weight, chunked over tokens and
-  over blocks of the vocabulary (online logsumexp), so neither the (N, V) logits nor an fp32 copy of
-  a 16-bit weight ever exists whole.
-
-Memory. Eager `log_softmax` writes an (N, V) fp32 tensor and keeps it for backward; backward then
-builds a zero-filled (N, V) tensor for gather's gradient before log_softmax's backward writes the
-logits gradient: two (N, V) tensors beyond the unavoidable ones (the logits and their gradient;
-at N = 4096, V = 32000 fp32 each is 0.5 GB). The chunked version keeps nothing of size V and works
-on one chunk of CHUNK_ELEMENTS floats at a time; its backward writes dz into the gradient buffer.
-
-Time. Per chunk the forward runs eager's fused log_softmax kernel and the backward its fused softmax
-plus one multiply into the gradient, so the chunked version moves less memory than eager (which
-also writes and re-reads log_softmax and a zero-filled gather gradient). The catch is the number of
-op calls: each large op is one sync of torch's intra-op thread pool, which costs milliseconds on a
-busy machine. 16 MiB chunks keep that to ~100 calls at N = 4096, V = 32000 while a chunk stays ~3%
-of the logits (tests/test_bench_logprobs.py measures both).
+`token_logprobs_eager` (log_softmax + gather) is the oracle. `token_logprobs_ref` gives the same
+numbers chunked over rows, recomputing softmax in backward instead of keeping (N, V) tensors;
+`linear_token_logprobs_ref` starts from hidden states and the lm_head weight, chunked over tokens and
+vocabulary blocks, so neither the (N, V) logits nor an fp32 copy of a 16-bit weight exists whole.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB fp32); why this size: see the module docstring
-
-# Debug switch, off in normal use: fill every output buffer of the reference and of the Triton
-# launchers with NaN when it is allocated, so an element nobody writes shows up as NaN instead of
-# as stale memory that may hold the right answer from an earlier call. The tests turn it on.
+# Logits per chunk (16 MiB fp32): few large op calls (each syncs torch's thread pool), little memory.
+CHUNK_ELEMENTS = 1 << 22
+# Tests turn it on: new output buffers are NaN-filled, so an element nobody writes cannot pass as stale
+# memory that holds the right answer from an earlier call.
 POISON = False
 
 
@@ -62,9 +36,7 @@ def linear_token_logprobs_eager(hidden, weight, targets, ignore_index=-100):
     return token_logprobs_eager(hidden @ weight.T, targets, ignore_index)
 
 
-# ---------------------------------------------------------------------------------------------
-# Logits input, chunked over rows
-
+# ------------------------------------------------------------------ logits input, chunked over rows
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (B, T, V), a view where possible: a shifted logits[:, :-1] stays a view."""
@@ -108,7 +80,7 @@ class TokenLogprobsRefFunction(torch.autograd.Function):
             dz = grad[b, ts] if grad.dtype == torch.float32 else torch.empty(grad[b, ts].shape, device=grad.device)
             torch.mul(torch.softmax(z3[b, ts].float(), dim=-1), -g[b, ts, None], out=dz)  # -g * p, recomputed
             # footgun: the true-class term + g is added in fp32 *before* rounding to the logits' dtype;
-            # for p_y -> 1 the bf16 difference of two rounded numbers is pure noise (Liger #1329).
+            # for p_y -> 1 the bf16 difference of two rounded numbers is pure noise.
             dz.scatter_add_(-1, safe_y[b, ts, None], g[b, ts, None])
             if dz.dtype != grad.dtype:
                 grad[b, ts] = dz
@@ -116,20 +88,11 @@ class TokenLogprobsRefFunction(torch.autograd.Function):
 
 
 def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token log-probabilities, chunked (bounded extra memory).
-
-    Args:
-        logits: (N, V) or (B, T, V) float, any strides (e.g. the shifted logits[:, :-1]).
-        targets: (N,) or (B, T) integer token ids; `ignore_index` marks tokens not scored.
-    Returns:
-        (N,) or (B, T) fp32: log softmax(logits)[target], 0 at ignored tokens (with 0 gradient).
-    """
+    """logits (N, V) or (B, T, V), any strides, targets (N,) or (B, T) -> (N,) or (B, T) fp32."""
     return TokenLogprobsRefFunction.apply(logits, targets, ignore_index)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hidden states + lm_head weight, chunked over tokens and vocabulary (no (N, V) logits, no fp32 weight copy)
-
+# ---------------------------------------- hidden states + lm_head weight, chunked over tokens and vocabulary
 
 def _blocks(N: int, V: int, H: int):
     """Token chunks and vocabulary blocks for the hidden-state version: a block of Vb weight rows holds
@@ -147,10 +110,8 @@ def _target_column(safe_y, vs):
 
 
 class LinearTokenLogprobsRefFunction(torch.autograd.Function):
-    # Blocks of the vocabulary, not only chunks of tokens: with a 16-bit lm_head (bf16 models) a chunk of
-    # tokens against the whole (V, H) weight would need the weight in fp32 at once (622 MB for a
-    # 152000 x 1024 head) and read it again for every chunk. Here one fp32 block of the weight exists at a
-    # time, it is read once per token chunk (a DPO batch is one chunk), and logsumexp runs online over blocks.
+    # Vocabulary blocks too, not only token chunks: a 16-bit head against a chunk would need the whole
+    # weight in fp32 at once. One fp32 block exists at a time, and logsumexp runs online over blocks.
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
         N, V, H = hidden.shape[0], weight.shape[0], hidden.shape[1]
@@ -199,13 +160,5 @@ class LinearTokenLogprobsRefFunction(torch.autograd.Function):
 
 
 def linear_token_logprobs_ref(hidden, weight, targets, ignore_index=-100):
-    """Per-token log-probabilities of `hidden @ weight.T`, chunked over tokens and vocabulary blocks.
-
-    Args:
-        hidden: (N, H) float hidden states (after the final norm).
-        weight: (V, H) lm_head weight.
-        targets: (N,) integer token ids; `ignore_index` marks tokens not scored.
-    Returns:
-        (N,) fp32; gradients for hidden and weight are accumulated in fp32.
-    """
+    """hidden (N, H), weight (V, H), targets (N,) -> (N,) fp32; gradients accumulate in fp32."""
     return LinearTokenLogprobsRefFunction.apply(hidden, weight, targets, ignore_index)

@@ -1,34 +1,20 @@
-"""The one answer extractor: response text -> option letter or None.
+"""The one answer extractor: response text -> option letter or None, the same in generation,
+SelfCorSet and evaluation, so "correct" means one thing everywhere. The first stage that finds an
+answer decides:
 
-Used unchanged by generation, SelfCorSet construction and evaluation, so "correct" means the same
-thing everywhere. The cascade, in order; the first stage that finds an answer decides:
+  1. `## X ##` markers (prompts.FORMAT). The LAST marker holding a valid letter wins: a response may
+     reconsider ("## A ## ... on reflection ## C ##"). `B`, `(B)`, `B.`, `C. blue`, `Option B`,
+     `Answer: B` count; `## blue ##`, `## A cat ##`, `## A, B ##` and letters outside the options do not.
+  2. Explicit answer phrases ("the answer is B", "final answer: d"); again the last one wins.
+  3. Otherwise None: counted apart from wrong and never used to build a pair.
 
-  1. `## X ##` markers (the format the prompt asks for, prompts.FORMAT). The LAST marker holding a
-     valid letter wins: the prompt asks for the final answer at the end, and a response may first
-     restate or reconsider ("## A ## ... on reflection ## C ##"). Accepted contents: `B`, `b`, `(B)`,
-     `B.`, `B)`, `B: text`, `C. blue`, `Option B`, `Answer: B`. Markers without a letter (`## blue ##`),
-     with words right after the letter (`## A cat ##`), with two letters (`## A, B ##`) or with a
-     letter outside the options (`## E ##` for 4 options) are not answers and are ignored.
-  2. Explicit answer phrases: "the answer is B", "Answer: (C)", "final answer: d", "the correct
-     option is B"; again the last one wins.
-  3. Otherwise None: unparseable, counted apart from wrong and never used to build a pair.
-
-Lowercase letters count inside a marker or an explicit phrase only when nothing but punctuation
-follows them ("answer: d", "## b ##"), because "the answer is a dog" is English, not option A.
-A bare letter elsewhere in the text ("A. red" while listing options) is never an answer.
-
-Differences from the paper's code, on purpose: the paper takes the FIRST `## [ABCD] ##` match, then
-falls back to whatever text sits between `##`s (so `## C. blue ##` gives "C. blue", never equal to a
-gold letter), then to the first "X." anywhere, which picks up options the model merely lists. We
-allow up to 26 options (n_options), read `## C. blue ##` as C, and drop the "X." fallback.
-ScienceQA's numeric `## 0 ##` form is not accepted: our loader maps its choices to letters.
+A lowercase letter counts only with nothing but punctuation after it ("the answer is a dog" is not
+option A), and a bare letter elsewhere ("A. red" while listing options) never does.
 """
 import re
 
-# A marker: `##`, at most one line of anything but '#', `##`. Excluding '#' and newlines keeps
-# markdown headings ("### Step 1") from pairing with the real marker further down. Matched as a
-# lookahead, i.e. starting at every `##`: a stray `##` (an echoed "between two ##, like ## A ##")
-# must not shift the pairing and swallow the real marker after it.
+# `##`, one line without '#', `##`: a markdown heading ("### Step 1") never pairs with the real marker.
+# A lookahead, tried at every `##`, so a stray `##` cannot shift the pairing and swallow the real one.
 _MARKER = re.compile(r"(?=##([^#\n]{0,200}?)##)")
 # Inside a marker: optional "option"/"answer:" prefix, the letter (maybe bracketed), the rest.
 _IN_MARKER = re.compile(

@@ -1,10 +1,7 @@
 """Model configuration: the LLaVA `config.json` as three dataclasses.
 
-Published configs omit most fields and rely on transformers' defaults (llava-1.5-7b-hf's
-`text_config` holds four keys). `VLMConfig.from_dict` fills them with the defaults transformers
-5.24 uses for the same file, per `model_type`, and accepts the
-spellings found in the wild: `rope_theta` top-level or inside `rope_parameters`, `image_token_index`
-or `image_token_id`, `torch_dtype` or `dtype`, tied embeddings flagged in `text_config` or at the top.
+Published configs omit most fields (llava-1.5-7b-hf's `text_config` holds four keys); `from_dict`
+fills them with transformers' defaults per `model_type` and accepts the spellings found in the wild.
 `to_dict` writes a `config.json` transformers can load. Errors are one line naming file and key.
 """
 import dataclasses
@@ -18,13 +15,11 @@ class ConfigError(ValueError):
 
 # transformers 5.24 defaults for fields a config.json leaves out, per model_type (CLIPVisionConfig,
 # SiglipVisionConfig, LlamaConfig, Qwen2Config). The dataclass defaults below are LLaVA-1.5-7B's.
+_VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              image_size=224, projection_dim=512)
 VISION_DEFAULTS = {
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, image_size=224, patch_size=32,
-                              hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, image_size=224, patch_size=16,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "clip_vision_model": dict(_VIT_B, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(_VIT_B, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
 }
 TEXT_DEFAULTS = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -132,12 +127,8 @@ class VLMConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "llava") != "llava":
             raise ConfigError(f"{source}: model_type: unsupported {d['model_type']!r} (supported: 'llava')")
-        # LlavaConfig: a missing vision_config means CLIP ViT-L/14-336; a missing text_config means LlamaConfig()
-        v_in = d.get("vision_config")
-        vision = _read_vision(v_in if v_in is not None else {
-            "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-            "projection_dim": 768}, source)
+        # LlavaConfig: no vision_config means CLIP ViT-L/14-336 (our defaults); no text_config, LlamaConfig()
+        vision = VisionConfig() if d.get("vision_config") is None else _read_vision(d["vision_config"], source)
         text = _read_text(d.get("text_config") or {}, source)
         image_token = d.get("image_token_index", d.get("image_token_id", 32000))
         strategy = d.get("vision_feature_select_strategy", "default")
@@ -182,22 +173,19 @@ class VLMConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "text_config": t, "vision_config": v,
         }
-        if self.pad_token_id is not None:
-            out["pad_token_id"] = self.pad_token_id
-        if self.dtype is not None:
-            out["dtype"] = self.dtype
-        return out
+        optional = {"pad_token_id": self.pad_token_id, "dtype": self.dtype}
+        return out | {k: v for k, v in optional.items() if v is not None}
 
 
 # -------------------------------------------------------------------- sub-config readers
 def _pick(cls, d: dict, defaults: dict, source: str, prefix: str):
-    """Known fields from `d`, else the per-type default, else the dataclass default; type-checked."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in d:
-            kwargs[f.name] = d[f.name]
-        elif f.name in defaults:
-            kwargs[f.name] = defaults[f.name]
+    """Known fields from `d`, else the default of its model_type, else the dataclass's; type-checked."""
+    model_type = d.get("model_type", cls.model_type)
+    if model_type not in defaults:
+        raise ConfigError(f"{source}: {prefix}.model_type: unsupported {model_type!r} "
+                          f"(supported: {', '.join(defaults)})")
+    merged = {**defaults[model_type], **d}
+    kwargs = {f.name: merged[f.name] for f in dataclasses.fields(cls) if f.name in merged}
     for name, value in kwargs.items():
         if isinstance(value, (dict, str)) and name not in ("model_type", "hidden_act"):
             raise ConfigError(f"{source}: {prefix}.{name}: expected a number, got {value!r}")
@@ -205,11 +193,7 @@ def _pick(cls, d: dict, defaults: dict, source: str, prefix: str):
 
 
 def _read_vision(d: dict, source: str) -> VisionConfig:
-    model_type = d.get("model_type", "clip_vision_model")
-    if model_type not in VISION_DEFAULTS:
-        raise ConfigError(f"{source}: vision_config.model_type: unsupported {model_type!r} "
-                          f"(supported: {', '.join(VISION_DEFAULTS)})")
-    kw = _pick(VisionConfig, d, {**VISION_DEFAULTS[model_type], "projection_dim": 512}, source, "vision_config")
+    kw = _pick(VisionConfig, d, VISION_DEFAULTS, source, "vision_config")
     for key in ("image_size", "patch_size"):
         if isinstance(kw.get(key), (list, tuple)):  # [S, S] is allowed by transformers; we need square
             if len(set(kw[key])) != 1:
@@ -222,11 +206,7 @@ def _read_vision(d: dict, source: str) -> VisionConfig:
 
 
 def _read_text(d: dict, source: str) -> TextConfig:
-    model_type = d.get("model_type", "llama")
-    if model_type not in TEXT_DEFAULTS:
-        raise ConfigError(f"{source}: text_config.model_type: unsupported {model_type!r} "
-                          f"(supported: {', '.join(TEXT_DEFAULTS)})")
-    kw = _pick(TextConfig, d, TEXT_DEFAULTS[model_type], source, "text_config")
+    kw = _pick(TextConfig, d, TEXT_DEFAULTS, source, "text_config")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":

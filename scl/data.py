@@ -1,31 +1,17 @@
 """Multiple-choice image questions from disk -> `Row`s, bad rows skipped with a reason.
 
-The paper's benchmarks are read as they are distributed, without conversion. Formats, picked from the
-name (or `format=`):
-    jsonl     : one {"id", "image", "question", "options", "answer"[, "hint"]} per line; the image path
-                is relative to the file (the built-in task and any user set).
-    tsv       : VLMEvalKit's TSVs (MMBench, SEEDBench_IMG, MMStar, ...): index, question, [hint], A, B,
-                ..., answer, image (base64)[, split]. An image cell that is a short integer reuses the
-                image of the row with that index (MMBench stores each image once).
-    scienceqa : ScienceQA's problems.json, {id: {question, choices, answer (index), image, split, hint}},
-                images at <dir>/images/<split>/<id>/<image> (or <dir>/<split>/<id>/, <dir>/<id>/).
-    parquet   : a Hugging Face parquet file, or a folder of shards (data/test-00000-of-00002.parquet);
-                images are {bytes, path} structs. Needs pyarrow, imported only here.
-TSV and parquet records are read by their columns, whichever benchmark wrote them:
-    A, B, C, ... columns               MMBench, MMBench_EN, SEEDBench_IMG TSV
-    choice_a .. choice_d               lmms-lab/SEED-Bench (its image column is a list)
-    choices list, answer index/letter  ScienceQA (derek-thomas, lmms-lab), MMEvalPro
-    options list, answer index         lmms-lab/ai2d
-    none: options inside the question  MMStar ("Options: A: x, B: y"), RealWorldQA ("A. x" lines)
-Index answers (0, 1, ...) become letters. `split` picks the shards named `<split>-0000k-of-0000n`, or
-the rows whose `split` column / field equals it.
+Benchmarks are read as distributed. Formats, picked from the name (or `format=`):
+    jsonl     : {"id", "image", "question", "options", "answer"[, "hint"]} per line; image path relative
+    tsv       : VLMEvalKit's TSVs (MMBench, SEEDBench_IMG, MMStar, ...), base64 images; an image cell that
+                is a short integer reuses the image of the row with that index (MMBench)
+    scienceqa : problems.json; images at <dir>/images/<split>/<id>/<image> (or <dir>/<split>/<id>/, <dir>/<id>/)
+    parquet   : a Hugging Face file or folder of shards, {bytes, path} images (needs pyarrow)
+Options come from A, B, ... columns (VLMEvalKit), choice_a..d (SEED-Bench), a choices/options list
+(ScienceQA, AI2D, MMEvalPro; index answers become letters) or the question text (MMStar, RealWorldQA).
+`split` picks the `<split>-0000k-of-0000n` shards, or the rows whose `split` column equals it.
 
-Text fields are checked at load time; an image is decoded when `row.image` is read, and not kept, so a
-benchmark costs its compressed bytes in memory, not its pixels. A bad row (malformed line, missing
-image, under 2 options, options not unambiguously split from the question, an answer that is not an
-option letter, a repeated id, a text-only, multi-image or video question) never stops a run: it comes
-back in `skipped` as {"id", "reason"}, for skipped.jsonl. A corrupt image raises BadRow when
-`row.image` is read, for the caller to skip the row. A missing data file is an error.
+An image is decoded when `row.image` is read, and not kept (a corrupt one raises BadRow then). Any
+other bad row comes back in `skipped` as {"id", "reason"}; a missing data file is an error.
 """
 import ast
 import base64
@@ -56,8 +42,7 @@ class Row:
 
     @property
     def image(self):
-        """The RGB image, decoded now and not cached on the row (a benchmark's pixels would not fit in
-        memory at once). A corrupt image raises BadRow, for the caller to skip the row."""
+        """Decoded now, not cached: a benchmark's pixels would not fit in memory at once."""
         return self.load_image()
 
 
@@ -82,16 +67,16 @@ def _clean_options(options):
     """Option texts with any "A. " / "(A) " label of their own position removed."""
     if not isinstance(options, list) or not options:
         raise BadRow("no options")
+    if len(options) > len(LETTERS):
+        raise BadRow(f"{len(options)} options; at most {len(LETTERS)} can be lettered")
     out = []
     for i, text in enumerate(options):
         if not isinstance(text, str) or not text.strip():
-            raise BadRow(f"option {LETTERS[i] if i < 26 else i} is empty")
+            raise BadRow(f"option {LETTERS[i]} is empty")
         m = _LABEL.fullmatch(text)
         out.append(m.group(2).strip() if m and m.group(1).upper() == LETTERS[i] else text.strip())
     if len(out) < 2:
         raise BadRow(f"only {len(out)} option; a multiple-choice question needs at least 2")
-    if len(out) > len(LETTERS):
-        raise BadRow(f"{len(out)} options; at most {len(LETTERS)} can be lettered")
     return out
 
 
@@ -119,9 +104,8 @@ _INSTRUCTION = re.compile(r"(please|answer)\b.*\b(letter|option)", re.IGNORECASE
 
 def split_options(text):
     """A question with its options written inside -> (stem, [option texts]); (text, []) when it holds
-    none. Never guesses: labels out of order, repeated, or followed by text that is not an answer
-    instruction (RealWorldQA ends with "Please answer directly with only the letter ...", dropped here
-    because our own prompt says how to answer) raise BadRow."""
+    none. Never guesses: labels out of order, repeated, or followed by text other than an answer
+    instruction (RealWorldQA's, dropped: our prompt says how to answer) raise BadRow."""
     head, sep, tail = text.rpartition("Options:")
     marks = list(_INLINE.finditer(tail.strip())) if sep else []
     if marks:
@@ -196,14 +180,8 @@ def _benchmark_row(rid, rec, load_image, image_path=None):
 
 
 # ----------------------------------------------------------------------------- readers
-# Each yields (id, where, make): `make()` builds the Row or raises BadRow, so rows past `limit` cost
-# nothing. Images are decoded later still, when a Row's image is read.
-
-def _raise(reason):
-    def make():
-        raise BadRow(reason)
-    return make
-
+# Each yields (id, where, make): `make()` builds the Row or raises BadRow (or `make` is the BadRow
+# already), so rows past `limit` cost nothing. Images are decoded later still, when a Row's image is read.
 
 def _jsonl(path, split):
     if split is not None:
@@ -217,19 +195,19 @@ def _jsonl(path, split):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                yield None, f"line {n}", _raise(f"malformed JSON: {e}")
+                yield None, f"line {n}", BadRow(f"malformed JSON: {e}")
                 continue
             if not isinstance(obj, dict):
-                yield None, f"line {n}", _raise("not a JSON object")
+                yield None, f"line {n}", BadRow("not a JSON object")
                 continue
             rid = str(obj["id"]) if obj.get("id") is not None else str(n)  # no id: the line number
             image = obj.get("image")
             if not isinstance(image, str) or not image:
-                yield rid, f"line {n}", _raise("no image path")
+                yield rid, f"line {n}", BadRow("no image path")
                 continue
             ipath = image if os.path.isabs(image) else os.path.join(base, image)
             if not os.path.isfile(ipath):  # cheap to check now; decoding waits until the image is used
-                yield rid, f"line {n}", _raise(f"image not found: {image}")
+                yield rid, f"line {n}", BadRow(f"image not found: {image}")
                 continue
             yield rid, f"line {n}", lambda o=obj, r=rid, p=ipath, i=image: _make_row(
                 r, o.get("question"), o.get("options"), o.get("answer"), lambda: _open_image(p, i),
@@ -279,7 +257,7 @@ def _tsv(path, split):
     for n, r, width in body:
         rid = (r.get("index") or "").strip() or str(n)
         if width != len(header):
-            yield rid, f"line {n}", _raise(f"{width} fields, the header has {len(header)}")
+            yield rid, f"line {n}", BadRow(f"{width} fields, the header has {len(header)}")
             continue
         if split is not None and r["split"].strip() != split:
             continue  # not in the requested split: filtered, not skipped
@@ -294,7 +272,7 @@ def _scienceqa(path, split):
         raise ValueError(f"{path}: expected ScienceQA's {{id: problem}} object")
     for pid, p in problems.items():
         if not isinstance(p, dict):
-            yield str(pid), f"problem {pid}", _raise("not a JSON object")
+            yield str(pid), f"problem {pid}", BadRow("not a JSON object")
             continue
         if split is not None and p.get("split") != split:
             continue  # not in the requested split: filtered, not skipped
@@ -357,9 +335,8 @@ def _parquet(path, split):
 
 
 def _arrow_image(images, n, listed, base, where, data_type=None):
-    """Check row n of an image column now (cheap: no bytes are copied), and return the function that
-    decodes it when it is used. A question with several images or a video is skipped, never read as
-    its first frame."""
+    """Check row n of an image column now (no bytes copied) -> the function that decodes it. Several
+    images or a video are skipped, never read as their first frame."""
     if data_type not in (None, "image"):  # SEED-Bench lists a video's frames as its images
         raise BadRow(f"a {data_type} question; only image questions are supported")
     cell = images[n]
@@ -392,8 +369,8 @@ def _detect(path):
 
 
 def load_rows(path, format=None, limit=None, split=None):
-    """Read a data file (or a folder of parquet shards) -> (rows, skipped). `limit` caps the rows kept;
-    `split` picks one split where the data holds several. skipped: [{"id": str | None, "reason": str}]."""
+    """A data file (or a folder of parquet shards) -> (rows, skipped: [{"id": str | None, "reason"}]).
+    `limit` caps the rows kept; `split` picks one split where the data holds several."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = format or _detect(path)
@@ -409,6 +386,8 @@ def load_rows(path, format=None, limit=None, split=None):
         try:
             if rid is not None and rid in seen:
                 raise BadRow(f"duplicate id {rid!r} (first at {seen[rid]})")
+            if isinstance(make, BadRow):
+                raise make
             row = make()
         except BadRow as e:
             skipped.append({"id": rid, "reason": f"{where}: {e}"})
@@ -419,10 +398,8 @@ def load_rows(path, format=None, limit=None, split=None):
 
 
 def circular_groups(ids):
-    """MMBench's circular evaluation asks a question once per rotation of its options; the rotated
-    copies of question i carry ids i + k * 1_000_000. -> {group id (i): [member ids]}, every id in one
-    group (non-numeric ids alone), or {} when no id is a rotated copy. A group counts as right only
-    when all its members are."""
+    """MMBench's rotated copies of question i carry ids i + k * CIRCULAR -> {i: [member ids]} (other
+    ids alone), or {} when no id is a rotated copy. A group is right only when all its members are."""
     ids = [str(i) for i in ids]
     if not any(i.isdigit() and int(i) >= CIRCULAR for i in ids):
         return {}

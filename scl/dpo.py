@@ -227,7 +227,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         if chosen_nll is None:
             raise ValueError("dpo_loss: sft_alpha > 0 needs chosen_nll (from concatenated_forward)")
         loss = (1 - sft_alpha) * loss + sft_alpha * chosen_nll.mean()
-    # Implicit rewards (DPO §5): β·log(πθ/πref); they are diagnostics and carry no gradient.
+    # Implicit rewards (the DPO paper, section 5): β·log(πθ/πref); they are diagnostics and carry no gradient.
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()  # (B,)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()  # (B,)
     metrics = {

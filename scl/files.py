@@ -1,9 +1,8 @@
 """What stages write and read back: atomic writes, JSON Lines, content fingerprints, training checkpoints.
 
-Every file or folder a stage produces is written under a temporary name and renamed into place, so a
-crash leaves the old version or the new one, never half of one. A stage that reuses earlier output
-first compares a fingerprint of that output's inputs: a hash of their *contents* (weights, data,
-settings), so a changed base model redoes everything made from it even when its path is the same.
+Every output is written under a temporary name and renamed into place, so a crash leaves the old
+version or the new one. A stage reuses earlier output only when the fingerprint (a hash of the
+*contents* of its inputs) matches, so a changed base model redoes what was made from it.
 """
 import hashlib
 import json
@@ -103,9 +102,8 @@ def fingerprint(settings=None, files=(), models=()) -> str:
 
 
 # ---------------------------------------------------------------------------- training checkpoints
-# A folder holding trainable.safetensors (only what trains: LoRA adapters, or every weight) and
-# state.pt (optimizer, step, RNG, counters). state.pt is our own file, read with weights_only=True
-# all the same: nothing here ever unpickles arbitrary objects.
+# A folder: trainable.safetensors (what trains) and state.pt (optimizer, step, RNG, counters), our own
+# file, read with weights_only=True all the same: nothing here unpickles arbitrary objects.
 
 def save_checkpoint(path: str, trainable: dict, state: dict) -> None:
     def write(tmp):

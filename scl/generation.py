@@ -1,13 +1,9 @@
 """Batched generation: greedy or temperature/top-p sampling with a KV cache, and its no-cache oracle.
 
-gpt-fast style: a few small free functions. `prefill` runs the prompt (image included) a chunk at a
-time and fills a preallocated `KVCache`; `decode_one` feeds one token per sequence; `sample` picks the
-next tokens; `generate` loops until every sequence has emitted EOS or the budget is spent. `generate_ref`
-recomputes the whole sequence every step with no cache: slow, obviously correct, the test oracle.
-
-Prompts are left-padded (B, T) with an attention mask, so every sequence's next token is at column -1.
-Once a sequence emits EOS its later positions are `pad_token_id`; they are still fed to the model
-(masked in, as transformers does) so that finished and running rows share one batched step.
+gpt-fast style: `prefill` fills a preallocated `KVCache` with the prompt, `decode_one` feeds one token
+per sequence, `sample` picks it, `generate` loops; `generate_ref` recomputes everything every step.
+Prompts are left-padded, so every next token is at column -1. A finished sequence gets
+`pad_token_id` and is still fed to the model (masked in, as transformers does), sharing the batch.
 """
 import torch
 import torch.nn.functional as F
@@ -33,8 +29,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 
 def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden (B, D) of the last position -> logits (B, V) fp32. Only that position goes through the
-    head: with V in the tens of thousands the head is a large part of a decode step."""
+    """hidden (B, D) of the last position -> logits (B, V) fp32: only that position goes through the head."""
     return F.linear(hidden, model.lm_head_weight).float()
 
 
@@ -42,13 +37,8 @@ PREFILL_CHUNK = 64  # prompt tokens per prefill step
 
 
 def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Prompt (B, T) with images -> next-token logits (B, V); `cache` now holds the prompt.
-
-    The prompt goes through `chunk` tokens at a time, each chunk a multi-token decode step against the
-    cache: the (B, chunk, ...) activations stay in the CPU's cache instead of being fresh memory, and a
-    chunk attends to the keys up to its end only, so the causal upper half is never computed. Only the
-    last position's hidden state is kept (`last_only`), so the last layer computes just keys and values.
-    """
+    """Prompt (B, T) with images -> next-token logits (B, V), filling `cache`. `chunk` tokens at a time:
+    activations stay in the CPU's cache, and the causal upper half is never computed."""
     x = model.embed(input_ids, pixel_values)  # (B, T, D): image features merged over the whole prompt
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as in TextModel.forward
     text = model.language_model.model
@@ -101,9 +91,7 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
         cache = KVCache(model.config.text_config, B, T + max_new_tokens, model.lm_head_weight.dtype,
                         input_ids.device)
         logits = prefill(model, input_ids, attention_mask, pixel_values, cache)
-        # A decode step is a few hundred tiny ops, so what can be built once is: each row's positions
-        # continue after its L_b real prompt tokens, and one mask for the whole run (prompt pads blocked,
-        # new tokens never pads) is sliced per step.
+        # Built once, as a decode step is a few hundred tiny ops: positions, and one mask sliced per step.
         position = attention_mask.sum(dim=1, keepdim=True)  # (B, 1): L_b, the first new token's position
         full = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + max_new_tokens)
         mask = attention_mask_4d(full, 1, full.shape[1])  # (B, 1, 1, T + max_new) or None

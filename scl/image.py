@@ -1,13 +1,9 @@
-"""Image -> pixel_values, in Pillow + numpy, equal to transformers' processors.
+"""Image -> pixel_values, in Pillow + numpy, equal to transformers' processors (tests/test_image.py).
 
-Two recipes, read from a checkpoint's processor config:
     clip  : RGB -> resize shortest edge (bicubic) -> centre crop -> *1/255 -> (x - mean) / std
-            (CLIPImageProcessor / LlavaImageProcessor; llava-1.5 at 336 px)
     siglip: RGB -> resize to (size, size) (bicubic)         -> *1/255 -> (x - 0.5) / 0.5
-            (SiglipImageProcessor; llava-interleave-qwen at 384 px)
-Optional LLaVA pad-to-square first: the original LLaVA-1.5 (`image_aspect_ratio: pad`) pastes the
-image on a square of the mean colour, so nothing is cropped away; the HF port crops unless asked.
-tests/test_image.py checks equality (<= 1e-5) against transformers' PIL backend (torchvision absent).
+Optional pad-to-square first, as the original LLaVA-1.5 (`image_aspect_ratio: pad`): the image on a
+square of the mean colour, so nothing is cropped away.
 """
 import io
 import json
@@ -25,9 +21,8 @@ HALF = (0.5, 0.5, 0.5)
 
 
 def open_image(src):
-    """A path or bytes -> a fully decoded RGB image: the one way every stage opens an image, so the
-    pixels a model is trained on are the pixels it answered about. Decoding happens here, so a
-    truncated or corrupt file fails now (OSError and friends), not halfway through a batch."""
+    """A path or bytes -> a fully decoded RGB image (a corrupt file fails now, not mid-batch): the one
+    opener of every stage, so a model is trained on the pixels it answered about."""
     with Image.open(src if isinstance(src, (str, os.PathLike)) else io.BytesIO(src)) as im:
         im.load()
         return to_rgb(im)
@@ -104,33 +99,20 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, path):
-        """preprocessor_config.json (Hub layout) or processor_config.json with the settings nested
-        under "image_processor" (what transformers 5.x saves)."""
-        pre, proc = os.path.join(path, "preprocessor_config.json"), os.path.join(path, "processor_config.json")
-        if os.path.isfile(pre):
-            with open(pre, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
-        if os.path.isfile(proc):
-            with open(proc, encoding="utf-8") as f:
-                d = json.load(f)
-            return cls.from_dict(d.get("image_processor", d))
+        """preprocessor_config.json (Hub layout), else processor_config.json, the settings maybe nested
+        under "image_processor" (transformers 5.x)."""
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    d = json.load(f)
+                return cls.from_dict(d if name.startswith("pre") else d.get("image_processor", d))
         raise FileNotFoundError(f"{path}: neither preprocessor_config.json nor processor_config.json")
 
     @classmethod
     def from_config(cls, cfg):
-        """Default for a model folder without processor files: the vision tower's own recipe at its
-        image_size (CLIP crop for CLIP towers, square resize for SigLIP). cfg: VLMConfig or dict."""
-        # A config.json dict, scl.config.VLMConfig (.vision_config), or anything with .vision.
-        # A config.json without vision_config means LlavaConfig's default tower, CLIP ViT-L/14-336.
-        clip336 = {"model_type": "clip_vision_model", "image_size": 336}
-        vision = (cfg.get("vision_config") or clip336) if isinstance(cfg, dict) else getattr(cfg, "vision_config", None)
-        vision = vision if vision is not None else getattr(cfg, "vision", None)
-        if vision is None:
-            raise ValueError("from_config: the config has no vision_config")
-        get = vision.get if isinstance(vision, dict) else lambda k, default=None: getattr(vision, k, default)
-        size = int(get("image_size", 224))
-        return cls.siglip(size) if "siglip" in (get("model_type", "") or "") else cls.clip(size)
-
+        """A VLMConfig's vision tower's own recipe at its image_size, for a folder without processor files."""
+        v = cfg.vision_config
+        return (cls.siglip if v.model_type == "siglip_vision_model" else cls.clip)(v.image_size)
 
     # ------------------------------------------------------------------------- the recipe
 

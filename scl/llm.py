@@ -1,19 +1,11 @@
 """The decoder LLM: Llama and Qwen2 (RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention).
 
-Module names mirror transformers' LlamaForCausalLM (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
-`model.norm`, `lm_head`) so loading is a name map. Qwen2 differs only by q/k/v biases and, in the
-0.5B models, tied embeddings (no `lm_head`: the embedding matrix is the output head).
-
-The KV cache is functional: `past_key_values` is a list with one `(k, v)` per layer, each
-(B, H_kv, T_past, Dh), and each call returns new tensors (the past concatenated with this call's
-keys/values). Nothing is mutated, so gradients flow through a cached prefix (DPO prefix sharing) and
-generation is just "feed the returned list back in".
-
-Generation uses `KVCache` instead (gpt-fast style): preallocated buffers written in place, so a
-decode step does not copy the whole past. Same numbers, for inference only (it is mutated).
-
-Positions: with left padding the first real token must get position 0, so positions default to
-cumsum(attention_mask) - 1 (pads clamped to 0, as transformers' generate does), continuing after the past.
+Module names mirror transformers' LlamaForCausalLM, so loading is a name map; Qwen2 differs only by
+q/k/v biases and, in the 0.5B models, tied embeddings. Two KV caches: `past_key_values` as a list of
+(k, v) per layer, each (B, H_kv, T_past, Dh), is functional (each call returns new tensors, so
+gradients flow through a cached prefix: DPO prefix sharing); `KVCache` (gpt-fast style) is
+preallocated and written in place, for generation. Positions default to cumsum(attention_mask) - 1
+(pads clamped to 0, as transformers' generate does), so a left-padded row starts at position 0.
 """
 import torch
 import torch.nn as nn
@@ -41,12 +33,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and signed sin, each (B, T, Dh), for rotate-half RoPE; computed in fp32, then cast.
-
-    HF's q/k weights are permuted so that dims i and i + Dh/2 form a rotating pair (not 2i, 2i+1):
-    out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). We fold the minus into the sin
-    table, (-sin, sin), so the rotation is one `roll`; the result is bit-identical.
-    """
+    """cos and signed sin, each (B, T, Dh), computed in fp32, then cast. HF's rotate-half RoPE pairs dims
+    i and i + Dh/2: x * cos + (-x2, x1) * sin; with the minus folded into the table, (-sin, sin), the
+    rotation is one `roll`, bit-identical."""
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
     cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
@@ -58,11 +47,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class KVCache:
-    """Preallocated keys/values for generation: per layer (B, H_kv, max_len, Dh) each, filled in place.
-
-    `update` writes this call's keys/values at [length, length + T) and returns views of everything so far;
-    the model advances `length` once all layers have run.
-    """
+    """Per layer (B, H_kv, max_len, Dh) keys and values, filled in place; the model advances `length`
+    once all layers have run."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -113,11 +99,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5)  # (B, H_kv, rep, Dh)
         else:
             q = apply_rope(self.q_proj(x).view(B, T, self.n_head, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
-            # Generation's prefill (a KVCache) on CPU lets SDPA map query heads to kv heads (enable_gqa): no
-            # copy of k/v per query head, the same numbers in eager fp32, ~2% of a generate() call saved.
-            # Training keeps the explicit copy: compiled in bf16, enable_gqa rounds differently, and every
-            # recorded result (bench/, README) would move with it. Footgun: on CUDA, enable_gqa with a mask
-            # falls back to SDPA's math backend (the fused kernels reject it), so the copy stays there.
+            # enable_gqa (no k/v copy per query head) only in generation's CPU prefill. Training keeps the
+            # copy: compiled in bf16, enable_gqa rounds differently. Footgun: on CUDA, enable_gqa with a
+            # mask falls back to SDPA's math backend.
             gqa = isinstance(past, KVCache) and rep > 1 and q.device.type == "cpu"
             kr, vr = k, v
             if rep > 1 and not gqa:  # (B, H_kv, S, Dh) -> (B, H, S, Dh), each kv head serving `rep` query heads
@@ -154,12 +138,9 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, S: int) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask, True = may attend: causal over the last T of S positions and no pads.
-
-    None when nothing is masked beyond plain causality, so SDPA can use `is_causal` (transformers
-    does the same; the result is bit-identical). A padded query row attends to nothing; SDPA returns
-    zeros there (torch >= 2.5), so no NaN ever reaches a real token.
-    """
+    """Boolean (B, 1, T, S) mask, True = may attend: causal over the last T of S positions and no pads;
+    None when plain causality suffices (SDPA's `is_causal`). A padded query row attends to nothing;
+    SDPA returns zeros there (torch >= 2.5), so no NaN reaches a real token."""
     if attention_mask is None or bool(attention_mask.all()):
         return None if (T == 1 or T == S) else torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
     if T == 1:  # one new token sees every past position: only the pads are masked
@@ -189,13 +170,10 @@ class TextModel(nn.Module):
                 last_only=False):
         """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past or None).
 
-        last_only: hidden state of the last position only, (B, 1, D), which is all generation needs from
-        a prompt; the last layer then computes just keys and values for the other positions (with L
-        layers, ~1/L of a prefill's work saved).
-
-        attention_mask covers past + current tokens: (B, T_past + T), 1 real / 0 pad; or one already
-        built by `attention_mask_4d`, (B, 1, T, T_past + T), which then needs position_ids.
-        past_key_values: list of (k, v) per layer (functional), or a KVCache (advanced in place, returned).
+        attention_mask: (B, T_past + T), 1 real / 0 pad, or one built by `attention_mask_4d` (then
+        position_ids are needed). past_key_values: a list of (k, v) per layer, or a KVCache.
+        last_only: only the last position's hidden state (B, 1, D), all generation needs from a prompt;
+        the last layer then computes just keys and values for the other positions.
         """
         B, T, _ = inputs_embeds.shape
         static = isinstance(past_key_values, KVCache)
@@ -221,7 +199,6 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values if static else past_key_values[i] if past_key_values else None
             args = (x, cos, sin, mask, past, last_only and i == len(self.layers) - 1)
-            # Gradient checkpointing: keep only each layer's input, recompute its inside in backward.
             x, kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             new_past.append(kv)
         if static:

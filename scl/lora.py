@@ -2,13 +2,10 @@
 
     y = x Wᵀ + b + (α / r) · dropout(x) Aᵀ Bᵀ        A: (r, in) kaiming-uniform,  B: (out, r) zeros
 
-B = 0 makes the adapted model start exactly at the base model, so the first DPO step sees policy ==
-reference. The paper (ms-swift defaults) puts r = 8, α = 32, dropout 0.05 on the LLM's q/k/v projections
-and nowhere else — in particular not on the vision tower, whose attention layers have the same names
-(LLaVA's own find_all_linear_names adapted the tower by mistake). With adapters the reference model is free: the
-same weights with the adapters switched off (`lora_disabled`). `merge_lora` folds B·A into the weight and
-puts plain nn.Linear modules back, so the state dict has the base model's names and save_vlm writes a
-checkpoint any LLaVA loader reads.
+B = 0: the first DPO step sees policy == reference, and the reference is the same weights with the
+adapters off (`lora_disabled`). The paper: r 8, α 32, dropout 0.05 on the LLM's q/k/v only, never
+on the vision tower, whose layers have the same names (LLaVA's own code adapted it by mistake).
+`merge_lora` folds B·A into the weights, giving back the base model's names for save_vlm.
 """
 import math
 from contextlib import contextmanager
@@ -25,10 +22,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in), the same Parameter object: no copy
-        self.bias = base.bias  # (out,) or None
-        # Adapters live in fp32 even on a bf16 model: they are tiny, and AdamW updates at lr 5e-5 would
-        # round away in bf16.
+        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None: the same Parameters
+        # fp32 adapters even on a bf16 model: they are tiny, and AdamW's updates would round away in bf16.
         kw = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # (out, r)
@@ -41,24 +36,16 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        # x·Aᵀ runs in x's dtype (the matmul accumulates in fp32) and its r columns are then promoted: casting
-        # x to fp32 instead would keep an fp32 copy of each adapted layer's input for backward, three per
-        # decoder layer, more memory than the bf16 activations themselves. The price: A's gradient comes out
-        # of a bf16 product (rounded once, ~3 significant digits, before fp32 accumulation and AdamW's
-        # normalisation). On an fp32 model both ways are the same computation.
+        # x·Aᵀ in x's dtype, then its r columns promoted: an fp32 x would keep an fp32 copy of every
+        # adapted layer's input for backward. The price: A's gradient comes out of a bf16 product.
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype)).float()  # (..., r) fp32
         return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)  # (..., out) in y's dtype
 
     def merged_weight(self):
-        """W + (α/r)·B·A, in the weight's dtype. The sum is done in fp32 and rounded once: rounding B·A to
-        bf16 first and adding in bf16 would round twice. Footgun: a bf16 weight still loses every part of
-        the update below half a unit in its last place, so a merged bf16 model matches its adapters only to
-        bf16 precision."""
+        """W + (α/r)·B·A, summed in fp32 and rounded once to the weight's dtype. Footgun: a merged bf16
+        model still matches its adapters only to bf16 precision."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
         return (self.weight.float() + delta).to(self.weight.dtype)
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"
 
 
 def _lora_modules(model):
@@ -72,11 +59,8 @@ def _set_child(model, name, module):
 
 def add_lora(model, r: int = 8, alpha: float = 32, dropout: float = 0.05,
              targets=("q_proj", "k_proj", "v_proj")) -> list:
-    """Wrap the LLM's linear layers named in `targets` (language_model.* only) with LoRA.
-
-    Freezes every parameter of the model first, so after this call the adapters are the only trainable
-    tensors; returns them (the list to give the optimizer).
-    """
+    """Freeze the model and wrap the LLM's linear layers named in `targets` with LoRA -> the adapter
+    tensors, the only trainable ones."""
     if _lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA adapters")
     for p in model.parameters():
@@ -98,11 +82,6 @@ def lora_parameters(model) -> list:
     return [p for _, m in _lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
-def lora_state_dict(model) -> dict:
-    """Only the adapter entries of model.state_dict() (what a LoRA checkpoint needs to save)."""
-    return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
-
-
 @contextmanager
 def lora_disabled(model):
     """Run the model as its frozen base: the DPO reference. Restores the previous state."""
@@ -119,11 +98,8 @@ def lora_disabled(model):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its weight and put a plain nn.Linear back (in place; returns the model).
-
-    The new module holds the merged weight under the same name, so model.state_dict() has exactly the
-    keys of the model before add_lora. Its parameters keep the requires_grad of the frozen base.
-    """
+    """Fold every adapter into its weight and put a plain nn.Linear back, in place: the state dict has
+    the keys it had before add_lora, and requires_grad of the frozen base."""
     for name, m in _lora_modules(model):
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)

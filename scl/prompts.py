@@ -1,14 +1,9 @@
-"""Every sentence the self-correction protocol says to the model, in one place.
+"""Every sentence the self-correction protocol says to the model, verbatim from the paper's released code.
 
-Verbatim from the paper's released code (github.com/ivy3h/SCL). Turn 1 asks the question with
-lettered options; turn 2 appends a review message to the conversation (no external feedback).
-Prompt names follow the paper: "sp" = standard prompt (turn 1 only, no review turn), "cp" = the
-common critique prompt (code ID 0), "vp1".."vp3" = the three visual prompts (code IDs 1..3).
-
-Choices made here, and why: the paper's scripts glue the pieces with a newline in inference.py and a
-space in data_construction.py; we use newlines in turn 1 (the layout inference.py evaluated with)
-and spaces in the review message (one paragraph). Options are always
-lettered `A. text`, one per line, ScienceQA included, so one extractor serves every data set.
+Turn 1 asks the question with lettered options; turn 2 appends a review message (no external
+feedback). Names: "sp" = standard prompt (no review turn), "cp" = the critique prompt (code ID 0),
+"vp1".."vp3" = the visual prompts (IDs 1..3). Turn 1 is joined with newlines (as inference.py), the
+review message with spaces; options are always `A. text`, one per line, so one extractor serves all.
 """
 
 COT = "Explain your reasoning step-by-step."
@@ -50,12 +45,9 @@ def turn1_message(question, options, hint=None):
 
 
 def turn1_message_official(question, options):
-    """The turn-1 message as the paper's released code (inference.py) wrote it, for comparing with its
-    numbers: no hint, the options inline after the question (` A. x B. y`, its MMBench layout), then
-    the CoT sentence on a new line and the format sentence after a space. For MMStar and RealWorldQA
-    that code appended nothing, their questions holding the options; our loader splits them out, so
-    they come back inline here the same way. ScienceQA's `0. x` lines and `## 0 ##` are not kept: our
-    rows letter every option, so one extractor serves every data set."""
+    """The turn-1 message as the paper's inference.py wrote it, for comparing with its numbers: no hint,
+    the options inline (` A. x B. y`), the CoT sentence on a new line, the format sentence after a space.
+    (MMStar's and RealWorldQA's options, split out by our loader, come back inline the same way.)"""
     if not 1 <= len(options) <= len(LETTERS):
         raise ValueError(f"need 1 to {len(LETTERS)} options, got {len(options)}")
     inline = " ".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))

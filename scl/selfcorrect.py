@@ -2,21 +2,15 @@
 
 Read top to bottom: the config; the method as pure functions (`question_type`, `build_pairs`,
 `summarize`); one batch of rollouts (`rollout_batch`: turn 1, then review turns that continue the same
-conversation); the deterministic batch plan; and `run_generate`, which streams records to disk and
-resumes where a previous run stopped.
+conversation); the deterministic batch plan; and `run_generate`, which streams records to disk.
 
-Decisions a reader should know:
-- A record's `type` compares turn 1 with turn 2 (Types 1-4); `types` lists every round pair
-  (k, k+1) for the K-round analysis. Either answer unparsed (None) ⇒ type None ("unparsed"), counted
-  apart from wrong and never turned into a pair. Pairs come from turn 1 vs turn 2 only, as in the paper.
-- A pair's `prompt` is the full turn-1 user message the model answered (question, options and
-  instructions), not the raw question the paper's code stored. Its `image` is a path
-  relative to the folder of selfcorset.jsonl, like the image paths of our data files;
-  rows whose image has no file (TSV, base64) get one written to out_dir/images/.
-- Sampling determinism: work items (question, sample) are sorted by prompt length and cut into
-  fixed batches; batch b samples with a generator seeded from (seed, b). A resumed run re-runs any
-  unfinished batch whole, so it reproduces the uninterrupted run exactly. Resume therefore requires the
-  same data and flags (checked against out_dir/config.json; only `device` may change).
+- A record's `type` compares turn 1 with turn 2; `types` lists every round pair (k, k+1) for the
+  K-round curve. An unparsed answer (None) gives type None, counted apart from wrong and never paired.
+- A pair's `prompt` is the full turn-1 user message the model answered; its `image` a path relative
+  to selfcorset.jsonl (rows whose image came inside the data file get one in out_dir/images/).
+- Sampling is deterministic: work items (question, sample) sorted by prompt length are cut into fixed
+  batches, batch b sampling with a generator seeded by (seed, b), so a resumed run that redoes an
+  unfinished batch whole reproduces the uninterrupted run exactly.
 """
 import dataclasses
 import hashlib
@@ -83,7 +77,7 @@ def resolve_device(name: str) -> str:  # "auto" -> "cuda" when there is one, els
 # ---------------------------------------------------------------------------- the method, pure
 
 def question_type(turn1_correct: bool, turn2_correct: bool) -> int:
-    """Paper §2.7: 1 right→right, 2 wrong→right, 3 right→wrong, 4 wrong→wrong."""
+    """The paper's Types: 1 right→right, 2 wrong→right, 3 right→wrong, 4 wrong→wrong."""
     return {(True, True): 1, (False, True): 2, (True, False): 3, (False, False): 4}[
         (bool(turn1_correct), bool(turn2_correct))]
 

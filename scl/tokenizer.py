@@ -1,29 +1,15 @@
 """Text <-> token ids, and the chat a VLM is trained and prompted with.
 
-`Tokenizer` wraps a `tokenizers.Tokenizer` read from a Hugging Face folder (`tokenizer.json` plus the
-roles in `tokenizer_config.json`); `render_chat` turns a conversation into ids and a loss mask:
+`Tokenizer` wraps the `tokenizers.Tokenizer` of a Hugging Face folder; `render_chat` turns a
+conversation in one of the two `CHAT_TEMPLATES` formats into ids and a loss mask, 1 on the trained
+answers and the end-of-turn token closing them. <image> becomes one id per image feature, as
+LlavaProcessor does. Footgun, on purpose: HF's llava-1.5 template closes an assistant turn with a
+space; we close it with `</s>`, as the original LLaVA training format does, because a model must learn
+the token that ends its answer (a first turn's prompt still has transformers' ids: tests/test_tokenizer.py).
 
-    llava : <s>USER: <image>\\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT:
-    chatml: <|im_start|>user\\n<image>\\n{u1}<|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n...
-
-The single <image> is expanded to one id per image feature, as LlavaProcessor does; the loss mask is 1
-on the assistant answers we train on (their text and the end-of-turn token that closes them).
-
-Parity with transformers (tests/test_tokenizer.py): the generation prompt of a first turn, which is
-what the model sees at inference, has the ids of `apply_chat_template` + `LlavaProcessor`.
-Footgun, on purpose: HF's llava-1.5 template closes an assistant turn with a space
-(`... ASSISTANT: {a1} USER: ...`). We close it with `</s>` like the original LLaVA training format
-(conv_vicuna_v1, sep2 = "</s>"), because a model must see and learn the token that ends its answer;
-so a multi-turn prompt differs from HF's at exactly those positions. ChatML history is written as
-standard ChatML (`<|im_start|>assistant\n{a1}<|im_end|>\n`); only its generation prompt is checked
-against transformers.
-
-How the mask is made: the whole conversation is encoded as ONE string (encoding turn by turn would
-give each piece a fresh "start of text", which changes ids for Llama's "▁" prefix), and each token
-belongs to the turn its first character falls in. The space after "ASSISTANT:" belongs to the
-answer: the model generates it, so it is trained (a vocabulary with " The" as one token never
-notices). Assistant text is stripped first, so a generated answer (" The...", decoded with its
-leading space) renders to the same ids as the typed one.
+The conversation is encoded as ONE string (turn by turn, each piece would get a fresh start of text,
+changing Llama's "▁" prefix); a token belongs to the turn its first character falls in, so the space
+after "ASSISTANT:", which the model generates, is trained with the answer.
 """
 import json
 import os
@@ -60,19 +46,14 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self.pad_token = pad_token if pad_token is not None else eos_token  # left padding is masked anyway
         self.image_token = image_token
-        self.bos_token_id = self._id(bos_token)
-        self.eos_token_id = self._id(eos_token)
-        self.pad_token_id = self._id(self.pad_token)
-        self.unk_token_id = self._id(unk_token)
-        self.image_token_id = self._id(image_token)
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id, self.image_token_id = (
+            None if t is None else backend.token_to_id(t)
+            for t in (bos_token, eos_token, self.pad_token, unk_token, image_token))
         if add_bos_token is None:
             # Unspecified: do what tokenizer.json's post-processor does (Llama: yes, Qwen: no).
             add_bos_token = self.bos_token_id is not None and (
                 backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_token_id])
         self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
-
-    def _id(self, token):
-        return None if token is None else self.backend.token_to_id(token)
 
     @classmethod
     def from_dir(cls, path, chat_format=None):
@@ -118,10 +99,9 @@ def _chat_template(path, cfg):
 
 
 def _match_transformers_llama(backend, cfg, tj):
-    """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to
-    every text chunk, so plain `tokenizers` gives `<image>` `▁\\n`... while transformers' LlamaTokenizer
-    rebuilds the pre-tokenizer from `legacy` (default False: prepend "▁" only at the very start).
-    We rebuild it the same way, so our ids are the ids the checkpoint was trained and served with.
+    """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to every text chunk
+    (`<image>` `▁\\n`...), while transformers' LlamaTokenizer rebuilds the pre-tokenizer from `legacy`
+    (default False: "▁" only at the very start). We do the same, so our ids are the checkpoint's.
     ByteLevel files that merely declare LlamaTokenizer (Llama 3) are left alone, as transformers does."""
     if (cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
         return
@@ -138,15 +118,11 @@ def _match_transformers_llama(backend, cfg, tj):
 
 # ----------------------------------------------------------------------------- chat rendering
 
-# The same two formats as Jinja chat templates, for transformers: scl/weights.py `save_processor` writes
-# the folder's one as chat_template.jinja, and apply_chat_template then renders exactly the text
-# `_render_text` builds (tests/test_export.py). Content is a string or a list of {"type": "image"|"text"}
-# items, images first as "<image>\n"; system messages are dropped; assistant text is stripped.
-# No "<s>" in the template: the tokenizer adds it (add_bos_token), as llava-hf's llava-1.5 does, so the
-# processor's apply_chat_template(tokenize=True) and processor(text=rendered) both give exactly one. A
-# template that wrote "<s>" would get a second from processor(text=...), and in the built-in vocabulary
-# "USER:" after a literal "<s>" loses the "▁" it has at the start of a text. Footgun, as for llava-1.5:
-# the *tokenizer's* apply_chat_template(tokenize=True) adds no special tokens, so no <s>.
+# The same two formats as Jinja templates, for transformers: `save_processor` writes the folder's one
+# as chat_template.jinja, and apply_chat_template then renders `_render_text`'s text (tests/test_export.py).
+# No "<s>" in them: the tokenizer adds it (add_bos_token), as in llava-hf's llava-1.5; a template that
+# wrote it would get a second one from processor(text=...). Footgun: the *tokenizer's*
+# apply_chat_template(tokenize=True) adds no special tokens, so no <s> at all.
 _CONTENT = (
     "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
     "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -182,24 +158,22 @@ def _render_text(tok, messages, with_image, add_generation_prompt):
     if add_generation_prompt and messages[-1]["role"] != "user":
         raise ValueError("add_generation_prompt needs the conversation to end with a user message")
     image = tok.image_token + "\n" if with_image else ""
+    llava = tok.chat_format == "llava"
+    user, user_end, header = ("USER: ", "", " ASSISTANT:") if llava else (
+        "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n")
     text, spans = "", []
     for i, m in enumerate(messages):
         if m["role"] == "user":
-            if tok.chat_format == "llava":
-                text += "USER: " + (image if i == 0 else "") + m["content"] + " ASSISTANT:"
-            else:
-                text += "<|im_start|>user\n" + (image if i == 0 else "") + m["content"] + "<|im_end|>\n"
-                text += "<|im_start|>assistant\n"
+            text += user + (image if i == 0 else "") + m["content"] + user_end + header
         else:
             # Stripped: a decoded generation starts with a space in byte-level vocabularies, and the
             # same answer must render to the same ids whether it was typed or generated.
             start = len(text)
-            text += (" " if tok.chat_format == "llava" else "") + m["content"].strip() + tok.eos_token
+            text += (" " if llava else "") + m["content"].strip() + tok.eos_token
             spans.append((start, len(text)))
-            text += "" if tok.chat_format == "llava" else "\n"
+            text += "" if llava else "\n"
     if not add_generation_prompt and messages[-1]["role"] == "user":
-        # No generation prompt: drop the open assistant header the user turn ended with.
-        text = text[: -len(" ASSISTANT:" if tok.chat_format == "llava" else "<|im_start|>assistant\n")]
+        text = text[:-len(header)]  # no generation prompt: drop the open assistant header
     return text, spans
 
 
@@ -227,30 +201,6 @@ def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, tr
             ids.append(i)
             mask.append(int(any(a <= start < b for a, b in trained)))
     return ids, mask
-
-
-def show_mask(tok, ids, mask):
-    """Readable view of a rendered conversation: trained tokens in [brackets], image ids folded."""
-    out, run, run_mask = [], [], None
-
-    def flush():
-        if not run:
-            return
-        if run[0] == tok.image_token_id and all(i == run[0] for i in run):
-            piece = f"{tok.image_token}x{len(run)}"
-        else:
-            piece = tok.decode(run, skip_special_tokens=False)
-        out.append(f"[{piece}]" if run_mask else piece)
-
-    for i, m in zip(ids, mask):
-        is_img = i == tok.image_token_id
-        if run and (m != run_mask or is_img != (run[0] == tok.image_token_id)):
-            flush()
-            run = []
-        run.append(i)
-        run_mask = m
-    flush()
-    return "".join(out)
 
 
 def pad_left(seqs, pad_id):

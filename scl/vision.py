@@ -1,15 +1,10 @@
 """The vision tower: CLIP ViT or SigLIP, returning the hidden states LLaVA picks its features from.
 
-One class covers both: they differ only in the class token, the pre-layernorm, the patch
-conv's bias and the activation. Module names mirror transformers' CLIPVisionModel / SiglipVisionModel
-(`embeddings.patch_embedding`, `pre_layrnorm` — sic, `encoder.layers.N.self_attn.q_proj`, ...) so that
-loading is a name map (scl/weights.py).
-
-LLaVA reads `hidden_states[vision_feature_layer]`: entry 0 is the (pre-normed) embeddings, entry i the
-output of layer i. `post_layernorm` only feeds CLIP's pooled output and SigLIP's last_hidden_state,
-neither of which LlavaModel.get_image_features uses (transformers 5.24): it exists so checkpoints load
-and save losslessly, and forward never calls it. SigLIP's attention-pooling `head` is not built at all;
-the loader drops its weights.
+One class covers both (they differ in the class token, the pre-layernorm, the patch conv's bias and
+the activation). Module names mirror transformers' CLIPVisionModel / SiglipVisionModel, so loading is
+a name map. Hidden state 0 is the (pre-normed) embeddings, state i the output of layer i.
+`post_layernorm` is loaded and saved but never applied (LLaVA reads hidden states); SigLIP's pooling
+`head` is not built at all.
 """
 import torch
 import torch.nn as nn
@@ -93,12 +88,6 @@ class VisionLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class VisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -106,14 +95,13 @@ class VisionTower(nn.Module):
         self.embeddings = VisionEmbeddings(cfg)
         if cfg.has_class_token:
             self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic) CLIP's key name
-        self.encoder = VisionEncoder(cfg)
+        layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})  # the checkpoint's `encoder.layers.N`
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # loaded, never applied
 
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
-        """Hidden states [embeddings, layer 1, ..., layer n], each (B, P', D); n = num_layers or all.
-
-        LLaVA-1.5 reads layer -2, so the last layer need not run: callers pass the deepest layer they use.
-        """
+        """Hidden states [embeddings, layer 1, ..., layer n], each (B, P', D); n = num_layers or all
+        (LLaVA-1.5 reads layer -2, so the last layer need not run)."""
         x = self.embeddings(pixel_values)  # (B, P', D)
         if hasattr(self, "pre_layrnorm"):
             x = self.pre_layrnorm(x)

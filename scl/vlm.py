@@ -1,12 +1,8 @@
 """LLaVA: vision tower -> projector -> LLM, the model the whole project trains and evaluates.
 
-An image becomes P feature vectors (scl/vision.py, one hidden layer, CLS dropped under the "default"
-strategy), the projector maps them to the LLM width, and they overwrite the P `<image>` tokens that the
-prompt builder already put in `input_ids` (one token per feature). Everything after that is a plain
-decoder LLM (scl/llm.py); image tokens get ordinary RoPE positions.
-
-Submodule names mirror the Hub checkpoint layout (a) of scl/weights.py: `vision_tower.*`,
-`multi_modal_projector.linear_{1,2}`, `language_model.model.*`, `language_model.lm_head`.
+An image becomes P feature vectors (scl/vision.py), the projector maps them to the LLM width, and they
+overwrite the P `<image>` tokens the prompt already holds; the rest is a plain decoder (scl/llm.py).
+Submodule names are the Hub checkpoint's (layout (a) of scl/weights.py).
 """
 import torch
 import torch.nn as nn

@@ -1,9 +1,6 @@
-"""The built-in task's tokenizer: a small BPE trained on the task's own text.
-
-Written in the same files a real checkpoint has (tokenizer.json + tokenizer_config.json with the LLaVA
-chat template of scl/tokenizer.py, which closes each answer with "</s>"), so scl/tokenizer.py and
-transformers both read it. As in llava-hf's llava-1.5, the "<s>" every sequence starts with comes from
-the tokenizer (add_bos_token and tokenizer.json's post-processor), not from the template.
+"""The built-in task's tokenizer: a small BPE trained on the task's own text, written as a real
+checkpoint's tokenizer.json + tokenizer_config.json (with scl/tokenizer.py's LLaVA chat template), so
+scl/tokenizer.py and transformers both read it. As in llava-hf's llava-1.5, the tokenizer adds "<s>".
 """
 import json
 import os
@@ -11,11 +8,6 @@ import re
 
 from scl.prompts import REVIEW_PROMPTS, review_message, turn1_message
 from scl.tokenizer import CHAT_TEMPLATES
-
-# ---------------------------------------------------------------------------- tokenizer
-# A small BPE over the task's own text. Pre-tokenizer: newlines and . , ? stand alone (so the value
-# in "is 3, option B." is the same token as in the option line "B. 3"), then Metaspace splits on
-# spaces and marks them with "▁", and its decoder puts them back: decode(encode(text)) == text.
 
 
 def protocol_sentences():
@@ -34,6 +26,7 @@ def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_
     in the alphabet, so any ASCII text round-trips."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Newlines and . , ? stand alone, so "3" in "is 3, option B." is the token of the option line "B. 3".
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[\n.,?]"), "isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])

@@ -1,16 +1,10 @@
 """Checkpoint folders in Hugging Face format: `load_vlm` reads them, `save_vlm` writes them.
 
-A folder holds `config.json`, `model.safetensors` (or shards listed in `model.safetensors.index.json`)
-and optionally `generation_config.json`. The same tensors appear under four naming layouts in the wild
-(below); `canonical_name` maps each to our module names with the short table
-`RENAMES`, and the loader then accounts for every key strictly: each checkpoint tensor is used or
-dropped for a stated reason (`DROPPED`), each model parameter is filled, shapes agree. Anything else is
-a `CheckpointError` with one line naming the file and the key — a half-loaded model that runs on random
-weights is the worst failure a loader can have.
-
-`save_vlm` writes layout (a), the one every llava-hf repo uses and transformers >= 4.52 loads.
-`save_processor` adds what transformers' AutoProcessor needs beside the tokenizer and the image
-recipe (processor_config.json, chat_template.jinja), as llava-hf folders carry them.
+A folder holds `config.json` and `model.safetensors` (or shards listed in its index). The tensors
+appear under four naming layouts in the wild; `RENAMES` maps each to our module names, and every key
+is then accounted for strictly: used, or dropped for a stated reason (`DROPPED`); every parameter
+filled, shapes equal. Anything else is a one-line `CheckpointError` naming file and key: a
+half-loaded model that runs on random weights is the worst failure a loader can have.
 """
 import json
 import re
@@ -76,13 +70,10 @@ def _shards(path: Path) -> tuple[list[Path], Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: cannot read weight_map ({type(e).__name__}: {_one_line(e)})") from None
-        shards = []
         for key, shard in weight_map.items():
             if not (path / shard).is_file():
                 raise CheckpointError(f"{index}: shard {shard!r} listed for key {key!r} does not exist")
-            if path / shard not in shards:
-                shards.append(path / shard)
-        return shards, index
+        return [path / shard for shard in dict.fromkeys(weight_map.values())], index
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
@@ -140,8 +131,8 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
 
 
 def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer, image processor) of a model folder. A folder without a processor file gets
-    the vision tower's own recipe (ImageProcessor.from_config)."""
+    """(model, tokenizer, image processor) of a model folder; without a processor file, the vision
+    tower's own recipe."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
     model = load_vlm(path, dtype=dtype, device=device)
@@ -152,10 +143,8 @@ def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
 
 # -------------------------------------------------------------------- saving
 def save_vlm(model: VLM, path) -> None:
-    """Write `model` as a Hub-layout (a) folder: model.safetensors, config.json, generation_config.json.
-
-    Tied models write no head tensor (transformers re-ties it from `tie_word_embeddings`).
-    """
+    """Write `model` as a Hub-layout (a) folder (the one transformers >= 4.52 loads): model.safetensors,
+    config.json, generation_config.json. A tied model writes no head tensor."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -174,19 +163,13 @@ def save_vlm(model: VLM, path) -> None:
 
 
 def save_processor(path, config: VLMConfig) -> None:
-    """Write processor_config.json and chat_template.jinja into a model folder that already holds its
-    tokenizer and preprocessor_config.json, so that transformers prepares exactly our inputs:
-    `AutoProcessor.from_pretrained(path).apply_chat_template(..., tokenize=True)` gives render_chat's
-    ids and our pixel values, and `LlavaForConditionalGeneration` then generates our tokens.
-
-    LlavaProcessor replaces each <image> with (S / patch)^2 + num_additional_image_tokens ids, minus one
-    under the "default" strategy: with the CLS token counted as the additional one, that is
-    config.num_image_tokens. The template is scl/tokenizer.py's for the folder's chat format.
-    """
+    """Write processor_config.json and chat_template.jinja beside a folder's tokenizer and
+    preprocessor_config.json, so that transformers' AutoProcessor gives render_chat's ids and our
+    pixels. LlavaProcessor's image token count, (S / patch)^2 + num_additional_image_tokens (the CLS
+    token), minus one under "default", is config.num_image_tokens."""
     path = Path(path)
     if not (path / "preprocessor_config.json").is_file():
-        # Without it transformers has no image processor, and our ImageProcessor.from_dir would read
-        # processor_config.json as the image recipe: write the recipe first (scl/base.py does).
+        # else our ImageProcessor.from_dir would read processor_config.json as the image recipe
         raise FileNotFoundError(f"{path / 'preprocessor_config.json'}: missing; save_processor needs the image recipe")
     tok = Tokenizer.from_dir(path)  # the tokenizer transformers will load with it
     if tok.image_token_id != config.image_token_index:
@@ -204,8 +187,7 @@ def save_processor(path, config: VLMConfig) -> None:
 
 
 def copy_processor_files(src, dst) -> None:
-    """The tokenizer, image-processor and chat-template files of model folder `src`, copied into `dst`
-    (a tuned model is read with the tokenizer and processor of the model it started from)."""
+    """Copy the tokenizer, processor and chat-template files of model folder `src` into `dst`."""
     import shutil
 
     for name in MODEL_FILES[1:] + ("special_tokens_map.json",):

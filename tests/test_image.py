@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scl.config import VLMConfig
 from scl.image import ImageProcessor, to_rgb
 
 transformers = pytest.importorskip("transformers")
@@ -112,20 +113,11 @@ def test_from_dir_hub_and_nested_layouts(tmp_path):
 
 
 def test_from_config_defaults():
-    clip = ImageProcessor.from_config({"vision_config": {"model_type": "clip_vision_model", "image_size": 28}})
+    def from_config(vision):
+        return ImageProcessor.from_config(VLMConfig.from_dict({"vision_config": vision} if vision else {}))
+
+    clip = from_config({"model_type": "clip_vision_model", "image_size": 28})
     assert clip.size == {"shortest_edge": 28} and clip.crop_size == 28 and clip.do_center_crop
-    sig = ImageProcessor.from_config({"vision_config": {"model_type": "siglip_vision_model", "image_size": 384}})
+    sig = from_config({"model_type": "siglip_vision_model", "image_size": 384})
     assert sig.size == {"height": 384, "width": 384} and not sig.do_center_crop and sig.image_mean == (0.5,) * 3
-
-    assert ImageProcessor.from_config({}).size == {"shortest_edge": 336}  # LlavaConfig's default tower
-
-    class Vision:  # attribute-style, like scl.config.VLMConfig
-        model_type, image_size = "siglip_vision_model", 56
-
-    class Cfg:
-        vision_config = Vision()
-
-    assert ImageProcessor.from_config(Cfg()).size == {"height": 56, "width": 56}
-    config = pytest.importorskip("scl.config")
-    vlm = config.VLMConfig.from_dict({"vision_config": {"model_type": "clip_vision_model", "image_size": 336}})
-    assert ImageProcessor.from_config(vlm).size == {"shortest_edge": 336}
+    assert from_config(None).size == {"shortest_edge": 336}  # LlavaConfig's default tower

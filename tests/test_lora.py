@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from scl.config import TextConfig, VisionConfig, VLMConfig
-from scl.lora import LoRALinear, add_lora, lora_disabled, lora_parameters, lora_state_dict, merge_lora
+from scl.lora import LoRALinear, add_lora, lora_disabled, lora_parameters, merge_lora
 from scl.vlm import VLM
 
 V, IMAGE = 64, 63  # vocab, image token id
@@ -58,7 +58,7 @@ def test_adapters_only_on_llm_qkv_and_only_they_train():
     # base names are unchanged; adapters are added beside them
     new = [n for n in model.state_dict() if n not in names_before]
     assert set(names_before) <= set(model.state_dict())
-    assert sorted(new) == sorted(lora_state_dict(model)) and len(new) == 12
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in new) and len(new) == 12
     with pytest.raises(ValueError, match="already"):
         add_lora(model)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
-from scl.tokenizer import Tokenizer, pad_left, render_chat, show_mask
+from scl.tokenizer import Tokenizer, pad_left, render_chat
 
 transformers = pytest.importorskip("transformers")
 
@@ -219,13 +219,6 @@ def test_roles_from_config(dirs):
     assert tok.vocab_size == 302 and tok.image_token == "<image>" and tok.chat_format == "llava"
     assert tok.decode(tok.encode("the circle is blue")) == "the circle is blue"
     assert tok.decode([1, 300, 2]) == ""  # special tokens skipped
-
-
-def test_show_mask(dirs):
-    tok = Tokenizer.from_dir(dirs["bytelevel"])
-    shown = show_mask(tok, *render_chat(tok, CONV[:2], 3))
-    assert shown == ("<s>USER: <image>x3\nWhat is in the picture?\nA. a square\nB. a circle ASSISTANT:"
-                     "[ A red square. ## A ##</s>]")
 
 
 def test_generated_text_with_a_leading_space_renders_the_same(dirs):
