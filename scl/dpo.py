@@ -1,13 +1,8 @@
-"""DPO for Self-Correction Learning: pair encoding, sequence log-probs, the loss.
-
-Read top to bottom: a SelfCorSet pair (prompt, chosen, rejected) becomes token ids (`encode_pair`; a
-whole selfcorset.jsonl: `read_pairs`), pairs become a padded batch (`collate_pairs`), the model scores
-both responses given the shared prompt (`concatenated_forward`), and the four log-prob vectors give the
-loss (`dpo_loss`, the paper's objective):
+"""DPO for Self-Correction Learning: SelfCorSet pairs -> token ids -> padded batch -> sequence log-probs
+-> the paper's loss, with β = 0.1 and α = 0.1 (ms-swift's `sft_beta`):
 
     L = (1 - α) · -log σ(β [(log πθ(Rc) - log πref(Rc)) - (log πθ(Rr) - log πref(Rr))])  +  α · NLL(Rc)
 
-with β = 0.1 and α = 0.1 (the paper's `sft_beta`, ms-swift 2.x: total = (1 - sft_beta)·DPO + sft_beta·SFT).
 Shapes: B pairs, T tokens (Tp prompt, Tr response), D width, V vocab.
 """
 import json
@@ -18,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import linear_token_logprobs
 from scl.image import open_image
-from scl.tokenizer import render_chat
+from scl.tokenizer import pad_left, render_chat
 
 
 class SkipPair(ValueError):
@@ -44,14 +39,9 @@ def _split_conversation(tok, user, response, num_image_tokens):
 
 
 def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: int, max_length: int) -> dict:
-    """Token ids of one pair: {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints).
-
-    Response ids are exactly the tokens render_chat trains on (content + EOS); prompt ids are everything
-    before them, i.e. the generation prompt `USER: <image>×P\\n{prompt} ASSISTANT:` (or its ChatML form). So
-    prompt + response is what the model reads and writes at evaluation, token for token.
-    Raises SkipPair for an empty response or when prompt + the longer response exceeds max_length; we
-    never truncate, since a cut prompt loses image tokens and a cut response changes what is scored.
-    """
+    """Token ids of one pair: {"prompt_ids", "chosen_ids", "rejected_ids"}, the generation prompt and
+    the answers as the model reads and writes them at evaluation, token for token. Too long raises
+    SkipPair, never truncates: a cut prompt loses image tokens, a cut response changes what is scored."""
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise SkipPair(f"empty {name} response")
@@ -76,12 +66,8 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: 
 
 
 def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> tuple[list, list]:
-    """Read a SelfCorSet file (selfcorset.jsonl: {"id", "image", "prompt", "chosen", "rejected"} per line).
-
-    Returns (pairs, skipped): each pair is encode_pair's ids plus "pixel_values" (3, S, S) and a unique "id";
-    each skipped row is {"line", "reason"}: a malformed row, an unreadable image or a SkipPair.
-    Image paths are relative to the file.
-    """
+    """selfcorset.jsonl -> (pairs: encode_pair's ids + "pixel_values" (3, S, S) + a unique "id",
+    skipped: [{"line", "reason"}]). Image paths are relative to the file."""
     base = os.path.dirname(os.path.abspath(path))
     pairs, skipped = [], []
     with open(path) as f:
@@ -105,26 +91,16 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
 
 
 def collate_pairs(encoded: list, pad_id: int) -> dict:
-    """Stack encoded pairs into a batch of LongTensors.
-
-    prompt_ids/prompt_mask (B, Tp): left-padded, so every prompt ends at the same column and its last
-    hidden state sits at position Tp - 1. chosen_ids/chosen_mask and rejected_ids/rejected_mask (B, Tr):
-    right-padded to one common Tr so the 2B response rows stack. Masks come from lengths, never from
-    `ids == pad_id` (pad may equal EOS, and EOS is a scored token).
-    """
-    B = len(encoded)
-    Tp = max(len(e["prompt_ids"]) for e in encoded)
-    Tr = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
-    out = {"prompt_ids": torch.full((B, Tp), pad_id, dtype=torch.long),
-           "prompt_mask": torch.zeros(B, Tp, dtype=torch.long)}
+    """Prompts left-padded to (B, Tp), so every prompt's last state sits at column Tp - 1; both responses
+    right-padded to one (B, Tr), so the 2B rows stack. Masks come from lengths, never from `ids == pad_id`
+    (pad may equal EOS, a scored token)."""
+    prompt_ids, prompt_mask = pad_left([e["prompt_ids"] for e in encoded], pad_id)  # (B, Tp)
+    out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+    B, Tr = len(encoded), max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
     for side in ("chosen", "rejected"):
         out[f"{side}_ids"] = torch.full((B, Tr), pad_id, dtype=torch.long)
         out[f"{side}_mask"] = torch.zeros(B, Tr, dtype=torch.long)
-    for b, e in enumerate(encoded):
-        n = len(e["prompt_ids"])
-        out["prompt_ids"][b, Tp - n:] = torch.tensor(e["prompt_ids"])
-        out["prompt_mask"][b, Tp - n:] = 1
-        for side in ("chosen", "rejected"):
+        for b, e in enumerate(encoded):
             n = len(e[f"{side}_ids"])
             out[f"{side}_ids"][b, :n] = torch.tensor(e[f"{side}_ids"])
             out[f"{side}_mask"][b, :n] = 1
@@ -142,19 +118,8 @@ def make_batch(pairs: list, pad_id: int, device) -> tuple[dict, torch.Tensor]:
 
 
 def response_logps(hidden, weight, targets, mask, impl=None):
-    """Summed fp32 log-probs of each response (the role of the DPO reference's `_get_batch_logps`).
-
-    Args:
-        hidden:  (N, Tr, D) hidden state that predicts each response token (already shifted: row n,
-                 column t is the state at the position just before token targets[n, t]).
-        weight:  (V, D) lm_head weight.
-        targets: (N, Tr) response token ids.
-        mask:    (N, Tr) 1 on real response tokens, 0 on right padding.
-    Returns:
-        logps (N,) fp32 sums over real tokens; tokens (N,) number of real tokens.
-    Only real tokens go through the head: pads are dropped before the (·, V) product, and the
-    kernel never holds the full (N, V) logits (one token chunk at a time: PyTorch on CPU, cuBLAS + Triton on GPU).
-    """
+    """hidden (N, Tr, D), already shifted to predict targets (N, Tr); mask (N, Tr) -> (summed fp32
+    log-probs (N,), real tokens (N,)): the DPO reference's `_get_batch_logps`. Pads never reach the head."""
     keep = mask.bool()  # (N, Tr)
     token_logps = linear_token_logprobs(hidden[keep], weight, targets[keep], impl=impl)  # (n_real,) fp32
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
@@ -163,17 +128,11 @@ def response_logps(hidden, weight, targets, mask, impl=None):
 
 
 def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bool = True, impl=None) -> dict:
-    """Score chosen and rejected responses of a batch with one model (policy, or reference under no_grad).
+    """-> (B,) chosen_logps, rejected_logps, chosen_nll (per-token mean, for the SFT term), chosen_tokens.
 
-    share_prefix=True: the vision tower and the prompt run once, (B, Tp); both responses then
-    continue from the prompt's KV cache as one 2B batch. The cache is repeated with torch.cat([k, k]),
-    which copies values but keeps the autograd graph, so gradients of both responses reach the shared
-    prompt and image. share_prefix=False: the plain reference, 2B full sequences with images duplicated.
-    Both compute the same numbers (tests/test_dpo.py checks logps and every gradient).
-
-    Returns dict of (B,) tensors: chosen_logps, rejected_logps (fp32 sums over response tokens),
-    chosen_nll (mean per-token NLL of chosen, for the SFT term), chosen_tokens.
-    """
+    share_prefix: image and prompt run once and both responses continue from the prompt's KV cache,
+    repeated with torch.cat, which keeps the graph, so both responses' gradients reach the shared prefix.
+    Without it, 2B full sequences: the plain reference, same numbers and gradients (tests/test_dpo.py)."""
     B, Tp = batch["prompt_ids"].shape
     resp_ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, Tr)
     resp_mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])  # (2B, Tr)
@@ -205,20 +164,9 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta: float = 0.1, sft_alpha: float = 0.1, chosen_nll=None):
-    """Sigmoid DPO plus an SFT term on the chosen response.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps:       (B,) log πθ(response | prompt, image), summed.
-        reference_chosen_logps, reference_rejected_logps: (B,) same under the frozen reference.
-        beta: DPO temperature β. sft_alpha: α, weight of the SFT term (0 = pure DPO).
-        chosen_nll: (B,) mean per-token NLL of the chosen response under the policy; needed when α > 0.
-    Returns:
-        loss: scalar, (1 - α)·mean_b[-log σ(β·((πc - refc) - (πr - refr)))] + α·mean_b[chosen_nll].
-        metrics: dict of floats with TRL's names (loss, rewards/chosen, rewards/rejected,
-                 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, nll_loss).
-    The SFT term averages per-pair token means; with the paper's micro-batch of 1 this is ms-swift's
-    token-mean cross-entropy exactly.
-    """
+    """Sigmoid DPO plus α times the chosen response's NLL; all log-probs (B,) summed over a response.
+    -> (scalar loss, metrics under TRL's names). The SFT term averages per-pair token means: with the
+    paper's micro-batch of 1, ms-swift's token-mean cross-entropy exactly."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps  # (B,)
     ref_logratios = reference_chosen_logps - reference_rejected_logps  # (B,)
     losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # (B,)
@@ -250,8 +198,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 @torch.no_grad()
 def reference_logps(model, pairs: list, pad_id: int, batch_size: int, share_prefix: bool = True) -> dict:
-    """log πref of every pair under the frozen starting model, computed once before training:
-    {pair id: (chosen, rejected)}. The reference never changes, so it is never run again."""
+    """{pair id: (log πref(chosen), log πref(rejected))}, once before training: the reference never changes."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
