@@ -1,16 +1,9 @@
 """Two-turn intrinsic self-correction and the SelfCorSet preference pairs.
 
-Read top to bottom: the config; the method as pure functions (`question_type`, `build_pairs`,
-`summarize`); one batch of rollouts (`rollout_batch`: turn 1, then review turns that continue the same
-conversation); the deterministic batch plan; and `run_generate`, which streams records to disk.
-
-- A record's `type` compares turn 1 with turn 2; `types` lists every round pair (k, k+1) for the
-  K-round curve. An unparsed answer (None) gives type None, counted apart from wrong and never paired.
-- A pair's `prompt` is the full turn-1 user message the model answered; its `image` a path relative
-  to selfcorset.jsonl (rows whose image came inside the data file get one in out_dir/images/).
-- Sampling is deterministic: work items (question, sample) sorted by prompt length are cut into fixed
-  batches, batch b sampling with a generator seeded by (seed, b), so a resumed run that redoes an
-  unfinished batch whole reproduces the uninterrupted run exactly.
+The method as pure functions (`question_type`, `build_pairs`, `summarize`), one batch of rollouts
+(`rollout_batch`), and `run_generate`, which streams records to disk. An unparsed answer gives type
+None: counted apart from wrong, never paired. Batches are fixed and batch b samples with a generator
+seeded by (seed, b), so a resumed run reproduces the uninterrupted one exactly.
 """
 import dataclasses
 import hashlib
@@ -19,7 +12,6 @@ import os
 import re
 import time
 from collections import Counter
-from typing import Optional  # not `int | None`: scl.cli (3.11) converts only typing.Optional
 
 import torch
 from tqdm import tqdm
@@ -30,7 +22,7 @@ from scl.data import BadRow, load_rows
 from scl.generation import generate
 from scl.image import ImageProcessor
 from scl.prompts import PROMPT_NAMES, review_message, turn1_message, turn1_message_official
-from scl.tokenizer import Tokenizer, pad_left, render_chat
+from scl.tokenizer import pad_left, render_chat
 from scl.weights import load_model_dir
 
 
@@ -43,14 +35,14 @@ class GenerateConfig:
     prompt: str = "vp2"  # review prompt: sp (no review) | cp | vp1 | vp2 | vp3 (the released code's default: vp2)
     rounds: int = 2  # turns per question: 2 = the paper; K > 2 repeats the review message
     samples: int = 1  # rollouts per question (1 = the paper); > 1 needs temperature > 0
-    limit: Optional[int] = None  # only the first N usable rows
+    limit: int | None = None  # only the first N usable rows
     batch_size: int = 8  # rollouts per generate() call
     max_new_tokens: int = 256  # per turn (the paper's LLaVA setting)
     temperature: float = 0.0  # 0 = greedy (the paper's LLaVA decoding)
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     seed: int = 0  # batch b samples from a generator seeded with (seed, b)
-    format: Optional[str] = None  # data reader: jsonl | tsv | scienceqa | parquet; None = detect from the name
-    split: Optional[str] = None  # the split to read where a file or folder holds several (e.g. test, validation)
+    format: str | None = None  # data reader: jsonl | tsv | scienceqa | parquet; None = detect from the name
+    split: str | None = None  # the split to read where a file or folder holds several (e.g. test, validation)
     turn1_layout: str = "scl"  # scl: hint, question, options one per line; paper: as the paper's released code
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -89,9 +81,8 @@ def round_types(turns: list[dict]) -> list[int | None]:
 
 
 def build_pairs(records: list[dict]) -> list[dict]:
-    """SelfCorSet: Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1,
-    rejected turn 2); Types 1 and 4 and unparsed answers give nothing. The type is recomputed from
-    the turns' answers, so a record's stored `type` cannot disagree with its pair."""
+    """SelfCorSet: Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1, rejected turn 2).
+    The type is recomputed from the answers, so a stored `type` cannot disagree with its pair."""
     pairs = []
     for r in records:
         kind = (round_types(r["turns"]) or [None])[0]
@@ -105,8 +96,7 @@ def build_pairs(records: list[dict]) -> list[dict]:
 
 
 def summarize(records: list[dict], skipped: list[dict]) -> dict:
-    """Counts per type, accuracy per turn, unparsed answers apart from wrong ones, pairs, skips.
-    Accuracy = correct / rollouts: an unparsed answer is not correct, and is also counted alone."""
+    """Counts per type, accuracy per turn (an unparsed answer is not correct, and is counted alone), pairs."""
     n, rounds = len(records), max((len(r["turns"]) for r in records), default=0)
     turns = [[r["turns"][k] for r in records if len(r["turns"]) > k] for k in range(rounds)]
     correct = [sum(t["correct"] for t in ts) for ts in turns]
@@ -132,8 +122,7 @@ def summarize(records: list[dict], skipped: list[dict]) -> dict:
 # ---------------------------------------------------------------------------- rollouts
 
 def conversation(prompt: str, answers: list[str], review: str | None) -> list[dict]:
-    """[user turn 1, assistant 1, user review, assistant 2, user review, ...]: every earlier answer
-    stays in the context; the image belongs to the first user message (render_chat)."""
+    """[user turn 1, assistant 1, user review, assistant 2, ...]: every earlier answer stays in context."""
     messages = [{"role": "user", "content": prompt}]
     for text in answers:
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": review}]
@@ -141,9 +130,7 @@ def conversation(prompt: str, answers: list[str], review: str | None) -> list[di
 
 
 def turn1(row, layout: str = "scl") -> str:
-    """The turn-1 user message of a row, which is also the prompt of its pair. "scl": our layout (a hint
-    line when the data has one, the question, options one per line, the instructions); "paper": the
-    paper's released code (no hint, options inline after the question)."""
+    """The turn-1 user message of a row, also its pair's prompt: our layout, or the paper's code's."""
     if layout == "paper":
         return turn1_message_official(row.question, row.options)
     return turn1_message(row.question, row.options, row.hint)
@@ -152,10 +139,8 @@ def turn1(row, layout: str = "scl") -> str:
 @torch.no_grad()
 def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
                   max_new_tokens=256, generator=None, first=None, layout="scl") -> tuple[list[dict], int]:
-    """One batch of K-turn rollouts: rows[i] is rolled out as sample number samples[i].
-    Each turn re-renders the whole conversation and generates (KV cache inside generate); the
-    turn-1 answers stay in the context. `first`: turn-1 texts already generated (greedy evaluation
-    shares one turn 1 between review prompts). Returns (records, generated tokens)."""
+    """K-turn rollouts of rows[i] as sample samples[i] -> (records, generated tokens). Each turn re-renders
+    the whole conversation; `first`: turn-1 texts already generated (greedy evaluation shares one)."""
     turns = 1 if prompt == "sp" else rounds
     review = review_message(prompt) if turns > 1 else None
     param = next(model.parameters())
@@ -186,10 +171,8 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
 
 
 def plan_batches(tok, rows, samples: int, batch_size: int, layout="scl") -> list[list[tuple[int, int]]]:
-    """Work items (row index, sample), longest turn-1 prompt first, cut into fixed batches.
-    Sorting: a batch is padded to its longest prompt, so similar lengths waste less compute, and
-    the largest batch runs first (an out-of-memory shows at once). Fixed: batch b always holds the
-    same items, which is what makes a resumed sampled run equal the uninterrupted one."""
+    """Work items (row index, sample) cut into fixed batches, longest turn-1 prompt first: similar lengths
+    pad less, and an out-of-memory shows at once."""
     length = [len(tok.encode(turn1(r, layout))) for r in rows]
     items = sorted(((i, s) for i in range(len(rows)) for s in range(samples)),
                    key=lambda it: (-length[it[0]], it[0], it[1]))
@@ -204,8 +187,7 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
 
 def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, temperature=0.0, top_p=1.0,
             seed=0, max_new_tokens=256, batch_size=8, first=None, layout="scl") -> list[dict]:
-    """All rollouts of `rows` in memory, ordered by (row, sample); what run_generate writes to disk.
-    `first`: one turn-1 text per row to continue from (samples = 1)."""
+    """All rollouts of `rows` in memory, ordered by (row, sample); `first`: one turn-1 text per row."""
     out = {}
     device = next(model.parameters()).device
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
@@ -220,9 +202,8 @@ def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, t
 # ---------------------------------------------------------------------------- files and resume
 
 def _image_file(row, out_dir: str) -> str:
-    """The row's image as a file that pairs can point to: its own path, or a PNG written once to
-    out_dir/images/ (rows whose image came inside the data file). Either way the image is decoded
-    here, so a corrupt one is found now (BadRow) and not in the middle of a batch."""
+    """The row's image path, or a PNG written once to out_dir/images/ for an image inside the data file.
+    Decoded here either way, so a corrupt image is a BadRow now, not a crash mid-batch."""
     image = row.image
     if row.image_path:
         return row.image_path
@@ -236,9 +217,8 @@ def _image_file(row, out_dir: str) -> str:
 
 
 def _usable(rows, tok, model, cfg):
-    """Split off rows that cannot be rolled out, each with its reason: an unreadable image, a prompt
-    that cannot be rendered (a literal "<image>" in the text), or a K-turn conversation that could
-    outgrow the model's positions. -> (rows with image files, skipped)."""
+    """-> (rows with image files, skipped with a reason: an unreadable image, an unrenderable prompt, or
+    a K-turn conversation that could outgrow the model's positions)."""
     turns = 1 if cfg.prompt == "sp" else cfg.rounds
     review = len(tok.encode(review_message(cfg.prompt))) + 8 if turns > 1 else 0  # + the role markers
     limit, keep, skipped = model.config.text_config.max_position_embeddings, [], []
@@ -251,17 +231,14 @@ def _usable(rows, tok, model, cfg):
                 raise BadRow(f"too long: {turns} turns may need {need} positions, max_position_embeddings is {limit}")
             keep.append(dataclasses.replace(r, image_path=_image_file(r, cfg.out_dir)))
         except (BadRow, ValueError) as e:
-            skipped.append({"id": r.id, "reason": str(e) if isinstance(e, BadRow) else f"cannot render the prompt: {e}"})
+            reason = str(e) if isinstance(e, BadRow) else f"cannot render the prompt: {e}"
+            skipped.append({"id": r.id, "reason": reason})
     return keep, skipped
 
 
 def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> dict:
-    """Roll out every usable row of cfg.data, write the files in cfg.out_dir, return the summary.
-
-    Records and pairs are appended and flushed batch by batch (a crash loses the batch in flight). A
-    re-run with the same inputs (a content fingerprint of the model folder, the data and its images,
-    and every setting) skips the (id, sample) already done and ends with the same files as an
-    uninterrupted run; with other inputs it starts over, since one file must never mix two runs."""
+    """Roll out every usable row of cfg.data into cfg.out_dir, flushed batch by batch -> the summary. A re-run
+    with the same inputs (fingerprint) skips what is done; other inputs start over: one file, one run."""
     start, cfg = time.time(), dataclasses.replace(cfg, device=resolve_device(cfg.device))
     if not os.path.exists(cfg.data):  # a file, or a folder of parquet shards
         raise FileNotFoundError(f"data file not found: {cfg.data}")
