@@ -1,17 +1,12 @@
 """Multiple-choice image questions from disk -> `Row`s, bad rows skipped with a reason.
 
-Benchmarks are read as distributed. Formats, picked from the name (or `format=`):
+Benchmarks are read as distributed; the format comes from the name (or `format=`):
     jsonl     : {"id", "image", "question", "options", "answer"[, "hint"]} per line; image path relative
-    tsv       : VLMEvalKit's TSVs (MMBench, SEEDBench_IMG, MMStar, ...), base64 images; an image cell that
-                is a short integer reuses the image of the row with that index (MMBench)
-    scienceqa : problems.json; images at <dir>/images/<split>/<id>/<image> (or <dir>/<split>/<id>/, <dir>/<id>/)
+    tsv       : VLMEvalKit's TSVs (MMBench, SEEDBench_IMG, MMStar, ...), base64 images
+    scienceqa : problems.json; images at <dir>/images/<split>/<id>/<image>
     parquet   : a Hugging Face file or folder of shards, {bytes, path} images (needs pyarrow)
-Options come from A, B, ... columns (VLMEvalKit), choice_a..d (SEED-Bench), a choices/options list
-(ScienceQA, AI2D, MMEvalPro; index answers become letters) or the question text (MMStar, RealWorldQA).
-`split` picks the `<split>-0000k-of-0000n` shards, or the rows whose `split` column equals it.
-
-An image is decoded when `row.image` is read, and not kept (a corrupt one raises BadRow then). Any
-other bad row comes back in `skipped` as {"id", "reason"}; a missing data file is an error.
+An image is decoded each time `row.image` is read and never kept: a benchmark's pixels would not fit
+in memory at once.
 """
 import ast
 import base64
@@ -42,12 +37,11 @@ class Row:
 
     @property
     def image(self):
-        """Decoded now, not cached: a benchmark's pixels would not fit in memory at once."""
         return self.load_image()
 
 
 class BadRow(Exception):
-    """A row that cannot be used; the message is the human-readable reason."""
+    """A row that cannot be used; the message is the reason."""
 
 
 def _open_image(src, name):
@@ -103,9 +97,9 @@ _INSTRUCTION = re.compile(r"(please|answer)\b.*\b(letter|option)", re.IGNORECASE
 
 
 def split_options(text):
-    """A question with its options written inside -> (stem, [option texts]); (text, []) when it holds
-    none. Never guesses: labels out of order, repeated, or followed by text other than an answer
-    instruction (RealWorldQA's, dropped: our prompt says how to answer) raise BadRow."""
+    """A question with its options written inside (MMStar, RealWorldQA) -> (stem, [option texts]), or
+    (text, []). Never guesses: labels out of order or followed by other text than an answer instruction
+    raise BadRow."""
     head, sep, tail = text.rpartition("Options:")
     marks = list(_INLINE.finditer(tail.strip())) if sep else []
     if marks:
@@ -181,7 +175,7 @@ def _benchmark_row(rid, rec, load_image, image_path=None):
 
 # ----------------------------------------------------------------------------- readers
 # Each yields (id, where, make): `make()` builds the Row or raises BadRow (or `make` is the BadRow
-# already), so rows past `limit` cost nothing. Images are decoded later still, when a Row's image is read.
+# already), so rows past `limit` cost nothing.
 
 def _jsonl(path, split):
     if split is not None:
@@ -205,7 +199,7 @@ def _jsonl(path, split):
             if not isinstance(image, str) or not image:
                 yield rid, f"line {n}", BadRow("no image path")
                 continue
-            ipath = image if os.path.isabs(image) else os.path.join(base, image)
+            ipath = os.path.join(base, image)  # an absolute image path stays as it is
             if not os.path.isfile(ipath):  # cheap to check now; decoding waits until the image is used
                 yield rid, f"line {n}", BadRow(f"image not found: {image}")
                 continue
@@ -216,7 +210,7 @@ def _jsonl(path, split):
 
 def _tsv_image(cell, images):
     """A TSV image cell -> the function that decodes it. MMBench stores each image once and other rows
-    name its index; VLMEvalKit's multi-image rows hold a Python list of base64 images."""
+    name its index; multi-image rows hold a Python list."""
     cell, name = cell.strip(), "(base64)"
     if cell.isdigit() and len(cell) <= 16:
         if cell not in images:
@@ -369,8 +363,8 @@ def _detect(path):
 
 
 def load_rows(path, format=None, limit=None, split=None):
-    """A data file (or a folder of parquet shards) -> (rows, skipped: [{"id": str | None, "reason"}]).
-    `limit` caps the rows kept; `split` picks one split where the data holds several."""
+    """A data file (or a folder of parquet shards) -> (rows, skipped: [{"id", "reason"}]). `split` picks
+    the `<split>-0000k-of-0000n` shards, or the rows whose `split` column equals it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = format or _detect(path)
