@@ -1,13 +1,7 @@
-"""Evaluation: single-turn accuracy, what a review turn does, the K-round
-curve, and base vs SCL on the same questions with a paired test.
-
-Read top to bottom: the statistics as pure functions (`accuracy`, `transitions`, `mcnemar`,
-`bootstrap_diff`), then `evaluate_model` (rollouts through selfcorrect.rollout, the same code and the
-same `extract_answer` as SelfCorSet construction), `compare`, and the report writers.
-
-Greedy decoding makes turn 1 the same under every review prompt, so it is generated once (prompt `sp`,
-the single-turn accuracy) and every review prompt continues that same turn 1: the 4-type table of each
-prompt compares its turn 2 with it (the paper's SP column vs CP/VP-1/2/3 columns).
+"""Evaluation: single-turn accuracy, what a review turn does, the K-round curve, and base vs SCL on the
+same questions with a paired test. Rollouts go through selfcorrect.rollout, the code that built SelfCorSet.
+Greedy decoding makes turn 1 the same under every review prompt, so it is generated once (`sp`) and
+every review prompt continues it (the paper's SP column vs its CP/VP-1/2/3 columns).
 """
 import dataclasses
 import math
@@ -54,7 +48,7 @@ def accuracy(records, turn=0) -> float:
 
 def circular_accuracy(records, turn=0) -> float | None:
     """MMBench's circular score: a question counts only if every rotation of its options is answered
-    right (rotated copies carry id + k * 1_000_000). None when the data has no rotated copies."""
+    right. None when the data has no rotated copies."""
     groups = circular_groups([r["id"] for r in records])
     if not groups:
         return None
@@ -72,8 +66,8 @@ def transitions(records, first=0, second=1) -> dict:
 
 
 def mcnemar(b: int, c: int) -> float:
-    """Exact two-sided McNemar test: b = only model A right, c = only model B right.
-    Under H0 the discordant pairs split Binomial(b + c, 1/2)."""
+    """Exact two-sided McNemar p: under H0 the discordant pairs (b: only A right, c: only B right) split
+    Binomial(b + c, 1/2)."""
     n, k = b + c, min(b, c)
     if n == 0:
         return 1.0
@@ -274,16 +268,8 @@ def experiment_report(result: dict) -> str:
 
 # ---------------------------------------------------------------------------- the whole evaluation
 
-def load_model(path, device, dtype):
-    try:
-        return load_model_dir(path, dtype=getattr(torch, dtype), device=device)
-    except (OSError, ValueError) as e:  # missing folder, CheckpointError, ConfigError: one line, no traceback
-        sys.exit(f"error: {e}")
-
-
 def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
-    """Evaluate cfg.model (and cfg.compare on the same rows); reuse out_dir when its metrics were made
-    from the same inputs (a content fingerprint of the models, the data and its images, the settings)."""
+    """Evaluate cfg.model (and cfg.compare on the same rows); reuse out_dir when its fingerprint matches."""
     t0 = time.time()
     device = torch.device(resolve_device(cfg.device))
     try:
@@ -307,7 +293,10 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     labels = list(names[:len(models)]) if cfg.compare else ["model"]
     metrics, runs = {}, {}
     for label, path in zip(labels, models):
-        model, tok, proc = load_model(path, device, cfg.dtype)
+        try:
+            model, tok, proc = load_model_dir(path, dtype=getattr(torch, cfg.dtype), device=device)
+        except (OSError, ValueError) as e:  # missing folder, CheckpointError, ConfigError: one line, no traceback
+            sys.exit(f"error: {e}")
         prompts = cfg.prompts if label == labels[0] or cfg.compare_prompts else []
         metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label, prompts)
         print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
