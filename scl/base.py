@@ -1,7 +1,4 @@
 """The built-in base model: its sizes, its init, its SFT data as padded tensor blocks, its optimizer.
-
-The model is the real LLaVA architecture at toy size: a CLIP-style tower whose 16-px patches are the
-task's grid cells (48-px scenes -> 9 image tokens), the 2-layer projector, a Llama decoder with GQA.
 train.py saves it with save_vlm, so every later stage loads it exactly like a downloaded checkpoint.
 """
 import math
@@ -18,8 +15,7 @@ from scl.vlm import VLM
 from scl.weights import save_processor
 
 PRESETS = {
-    # A tiny model of the real LLaVA architecture: CLIP-style tower (one 16-px patch per grid cell of
-    # the task's 48-px scenes, so 9 image tokens), the 2-layer projector, a Llama decoder.
+    # The real LLaVA architecture at toy size: one 16-px patch per grid cell of the task's 48-px scenes.
     "tiny": dict(vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
                  text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2)),
@@ -44,13 +40,9 @@ def base_config(preset: str, tok, image_size=48, patch_size=16):
 
 
 def init_weights(model, std=0.02, position_std=1.0):
-    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms; and a
-    strong patch-position embedding, N(0, 1).
-
-    Footgun: the decoder finds "the top-left cell" by matching text to image-token *content* (RoPE only
-    knows relative offsets), so each patch feature must say where it is. At std 0.02 the position is
-    drowned by the pixels and a caption-only probe stays at the blind loss (0.63 after 120 steps); at
-    std 1.0 it drops to 0.40 by step 160 (same data, lr, seed)."""
+    """GPT-2 style init: N(0, 0.02) matrices, zero biases, unit norms; and a strong patch-position embedding.
+    Footgun: the decoder finds "the top-left cell" by image-token *content* (RoPE only knows offsets), so
+    each patch feature must say where it is; at std 0.02 the pixels drown the position and SFT stalls."""
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "patch_embedding" not in name:
             torch.nn.init.normal_(p, std=std)
@@ -62,11 +54,8 @@ def init_weights(model, std=0.02, position_std=1.0):
 
 
 def length_buckets(lengths, buckets):
-    """Upper lengths of at most `buckets` blocks that cover `lengths` with the fewest padded tokens.
-
-    A dynamic programme over the distinct lengths: best[k][j] = fewest tokens when the j shortest
-    distinct lengths go into k blocks, each padded to its longest. Equal-count blocks would mix the
-    ~110-token single-turn answers with the ~180-token review conversations and pad both to 258."""
+    """Upper lengths of at most `buckets` blocks that cover `lengths` with the fewest padded tokens: a dynamic
+    programme, best[k][j] = fewest tokens when the j shortest distinct lengths go into k blocks."""
     from collections import Counter
 
     count = Counter(lengths)
@@ -92,12 +81,8 @@ def length_buckets(lengths, buckets):
 
 
 def encode_conversations(conversations, tok, num_image_tokens, buckets=6):
-    """Conversations -> a few (N_k, T_k) blocks of input ids and targets (-100 = not trained).
-
-    A batch is drawn from one block, so it is padded to that block's length only; `length_buckets` picks
-    the block lengths that waste least on padding (measured on the built-in task: 113 padded tokens per
-    conversation with 6 blocks, 180 with 2 equal-count ones; 103 unpadded). Returns a list of
-    (row indices, input_ids, targets)."""
+    """Conversations -> [(row indices, input_ids (N_k, T_k), targets (N_k, T_k), -100 = not trained)]. A batch
+    is drawn from one block, so it is padded to that block's length only."""
     encoded = [render_chat(tok, c, num_image_tokens, train_turns=[k for k, m in enumerate(
         m for m in c if m["role"] == "assistant") if m.get("train", True)]) for c in conversations]
     blocks, low = [], 0
@@ -116,13 +101,6 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=6):
     return blocks
 
 
-def preprocess_images(paths, proc, chunk=1024):
-    out = []
-    for i in range(0, len(paths), chunk):
-        out.append(proc([open_image(p) for p in paths[i:i + chunk]]))
-    return torch.cat(out)  # (N, 3, S, S)
-
-
 def write_preprocessor_config(path, image_size):
     write_json(os.path.join(path, "preprocessor_config.json"), {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
@@ -132,10 +110,9 @@ def write_preprocessor_config(path, image_size):
 
 
 def prepare_sft(cfg, data_dir, model_dir):
-    """Everything the SFT loop needs, from the run's settings: the task's files in data_dir (written once
-    per setting), a tokenizer trained on their text and a freshly initialised model (its tokenizer and
-    processor files in model_dir), the SFT conversations as padded blocks, every image preprocessed once.
-    Returns (model, blocks, pixel_values (N_img, 3, S, S), image_of (N_conv,): conversation -> image row)."""
+    """The task's files in data_dir (written once per setting), a tokenizer trained on them and a fresh model
+    (files in model_dir), the SFT conversations as blocks, every image preprocessed once.
+    -> (model, blocks, pixel_values (N_img, 3, S, S), image_of (N_conv,): conversation -> image row)."""
     want = {k: getattr(cfg, k) for k in ("seed", "n_sft", "n_construct", "n_test", "sft_review_fraction",
                                          "blank_images")}
     if read_json(os.path.join(data_dir, "task.json")) == want:
@@ -156,7 +133,8 @@ def prepare_sft(cfg, data_dir, model_dir):
     proc = ImageProcessor.from_dir(model_dir)
     blocks = encode_conversations(conversations, tok, model.config.num_image_tokens)
     unique = sorted({r["image"] for r in rows})
-    pixel_values = preprocess_images([os.path.join(data_dir, p) for p in unique], proc)
+    chunks = [unique[i:i + 1024] for i in range(0, len(unique), 1024)]  # 1024 decoded images at a time
+    pixel_values = torch.cat([proc([open_image(os.path.join(data_dir, p)) for p in c]) for c in chunks])
     position = {p: i for i, p in enumerate(unique)}
     image_of = torch.tensor([position[r["image"]] for r in rows])
     print(f"sft: {len(rows)} conversations in blocks of {[b[1].shape[1] for b in blocks]} tokens")
@@ -164,8 +142,7 @@ def prepare_sft(cfg, data_dir, model_dir):
 
 
 # Footgun: the decoder's RMSNorm makes the image features' scale free, and Adam's steps at a text-sized lr
-# grow it ~250x in 50 steps; their gradients then shrink as 1/scale and the tower stops learning (feature
-# norm 0.6 -> 150, patch-embedding gradient 3.4 -> 1e-4). A tenth of the lr there keeps the scale ~2.
+# grow it fast; their gradients then shrink as 1/scale and the tower stops learning.
 VISION_LR_SCALE = 0.1
 
 
