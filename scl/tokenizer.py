@@ -1,15 +1,9 @@
-"""Text <-> token ids, and the chat a VLM is trained and prompted with.
+"""Text <-> token ids, and the chat a VLM is trained and prompted with (`render_chat`: ids and loss mask).
 
-`Tokenizer` wraps the `tokenizers.Tokenizer` of a Hugging Face folder; `render_chat` turns a
-conversation in one of the two `CHAT_TEMPLATES` formats into ids and a loss mask, 1 on the trained
-answers and the end-of-turn token closing them. <image> becomes one id per image feature, as
-LlavaProcessor does. Footgun, on purpose: HF's llava-1.5 template closes an assistant turn with a
-space; we close it with `</s>`, as the original LLaVA training format does, because a model must learn
-the token that ends its answer (a first turn's prompt still has transformers' ids: tests/test_tokenizer.py).
-
-The conversation is encoded as ONE string (turn by turn, each piece would get a fresh start of text,
-changing Llama's "▁" prefix); a token belongs to the turn its first character falls in, so the space
-after "ASSISTANT:", which the model generates, is trained with the answer.
+Footgun, on purpose: HF's llava-1.5 template closes an assistant turn with a space; we close it with
+`</s>`, as the original LLaVA training format does, because a model must learn the token that ends its
+answer. The conversation is encoded as ONE string (piece by piece, each would get Llama's "▁" prefix
+anew); a token belongs to the turn its first character falls in.
 """
 import json
 import os
@@ -57,7 +51,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path, chat_format=None):
-        """Read `tokenizer.json` + `tokenizer_config.json` (+ `chat_template.json`/`.jinja`) from `path`."""
+        """Read tokenizer.json, tokenizer_config.json and the chat template from a model folder."""
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"{tj}: no tokenizer.json in {path}")
@@ -86,8 +80,7 @@ class Tokenizer:
 
 
 def _chat_template(path, cfg):
-    """All template text this folder holds (tokenizer config, chat_template.json/.jinja), as one
-    string: we only look for the ChatML markers in it, never run it."""
+    """All template text this folder holds, as one string: we only look for ChatML markers, never run it."""
     parts = [cfg.get("chat_template")]
     if os.path.isfile(os.path.join(path, "chat_template.json")):
         parts.append(_read_json(os.path.join(path, "chat_template.json")).get("chat_template"))
@@ -99,10 +92,9 @@ def _chat_template(path, cfg):
 
 
 def _match_transformers_llama(backend, cfg, tj):
-    """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to every text chunk
-    (`<image>` `▁\\n`...), while transformers' LlamaTokenizer rebuilds the pre-tokenizer from `legacy`
-    (default False: "▁" only at the very start). We do the same, so our ids are the checkpoint's.
-    ByteLevel files that merely declare LlamaTokenizer (Llama 3) are left alone, as transformers does."""
+    """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to every text chunk, while
+    transformers' LlamaTokenizer rebuilds the pre-tokenizer from `legacy` ("▁" only at the very start).
+    We do the same, so our ids are the checkpoint's; ByteLevel files (Llama 3) are left alone."""
     if (cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
         return
     if "ByteLevel" in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")]):
@@ -118,11 +110,8 @@ def _match_transformers_llama(backend, cfg, tj):
 
 # ----------------------------------------------------------------------------- chat rendering
 
-# The same two formats as Jinja templates, for transformers: `save_processor` writes the folder's one
-# as chat_template.jinja, and apply_chat_template then renders `_render_text`'s text (tests/test_export.py).
-# No "<s>" in them: the tokenizer adds it (add_bos_token), as in llava-hf's llava-1.5; a template that
-# wrote it would get a second one from processor(text=...). Footgun: the *tokenizer's*
-# apply_chat_template(tokenize=True) adds no special tokens, so no <s> at all.
+# The two formats as Jinja templates, for transformers' apply_chat_template (tests/test_export.py). No "<s>"
+# in them: the tokenizer adds it, as in llava-hf's llava-1.5; a template that wrote it would get two.
 _CONTENT = (
     "{% if message['content'] is string %}{% set texts = [message['content']] %}{% else %}"
     "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -144,8 +133,7 @@ CHAT_TEMPLATES = {
 
 
 def _render_text(tok, messages, with_image, add_generation_prompt):
-    """The conversation as one string, plus the character span of each assistant answer (its text
-    and the end-of-turn token); tokens starting inside a span are that answer's tokens."""
+    """The conversation as one string, plus the character span of each assistant answer and its EOS."""
     if not messages or messages[0].get("role") != "user":
         raise ValueError("a conversation starts with a user message")
     for i, m in enumerate(messages):
@@ -178,8 +166,7 @@ def _render_text(tok, messages, with_image, add_generation_prompt):
 
 
 def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, train_turns=None):
-    """Ids and loss mask of a conversation. The image belongs to the first user
-    message and becomes `num_image_tokens` image ids; 0 means a text-only conversation.
+    """Ids and loss mask of a conversation; the image becomes num_image_tokens ids in the first user message.
     train_turns: indices among the assistant messages whose answers are trained (None = all)."""
     if tok.eos_token_id is None:
         raise ValueError("tokenizer has no eos token; render_chat needs one to close assistant turns")
@@ -204,8 +191,7 @@ def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, tr
 
 
 def pad_left(seqs, pad_id):
-    """Left-pad id lists into a batch, so every row's last token is at the end (for generation).
-    Returns input_ids (B, T) and attention_mask (B, T), 1 on real tokens, as LongTensors."""
+    """Id lists -> input_ids (B, T) and attention_mask (B, T), left-padded: every row ends at column -1."""
     width = max((len(s) for s in seqs), default=0)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
