@@ -1,11 +1,8 @@
 """The decoder LLM: Llama and Qwen2 (RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention).
 
-Module names mirror transformers' LlamaForCausalLM, so loading is a name map; Qwen2 differs only by
-q/k/v biases and, in the 0.5B models, tied embeddings. Two KV caches: `past_key_values` as a list of
-(k, v) per layer, each (B, H_kv, T_past, Dh), is functional (each call returns new tensors, so
-gradients flow through a cached prefix: DPO prefix sharing); `KVCache` (gpt-fast style) is
-preallocated and written in place, for generation. Positions default to cumsum(attention_mask) - 1
-(pads clamped to 0, as transformers' generate does), so a left-padded row starts at position 0.
+Module names mirror transformers' LlamaForCausalLM, so loading is a name map. Two KV caches: a list of
+(k, v) per layer returns new tensors, so gradients flow through a cached prefix (DPO prefix sharing);
+`KVCache` is preallocated and written in place, for generation.
 """
 import torch
 import torch.nn as nn
@@ -33,9 +30,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and signed sin, each (B, T, Dh), computed in fp32, then cast. HF's rotate-half RoPE pairs dims
-    i and i + Dh/2: x * cos + (-x2, x1) * sin; with the minus folded into the table, (-sin, sin), the
-    rotation is one `roll`, bit-identical."""
+    """cos and signed sin, each (B, T, Dh), computed in fp32, then cast. With rotate-half's minus folded into
+    the table, (-sin, sin), the rotation x * cos + (-x2, x1) * sin is one `roll`, bit-identical."""
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
     cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
@@ -47,8 +43,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class KVCache:
-    """Per layer (B, H_kv, max_len, Dh) keys and values, filled in place; the model advances `length`
-    once all layers have run."""
+    """Per layer (B, H_kv, max_len, Dh) keys and values; the model advances `length` after the last layer."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -169,12 +164,9 @@ class TextModel(nn.Module):
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 last_only=False):
         """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past or None).
-
-        attention_mask: (B, T_past + T), 1 real / 0 pad, or one built by `attention_mask_4d` (then
-        position_ids are needed). past_key_values: a list of (k, v) per layer, or a KVCache.
-        last_only: only the last position's hidden state (B, 1, D), all generation needs from a prompt;
-        the last layer then computes just keys and values for the other positions.
-        """
+        attention_mask: (B, T_past + T) 1/0, or a 4-D one from `attention_mask_4d` with position_ids.
+        Positions default to cumsum(mask) - 1, so a left-padded row starts at 0, as in transformers.
+        last_only: only the last position's state (B, 1, D), all generation needs from a prompt."""
         B, T, _ = inputs_embeds.shape
         static = isinstance(past_key_values, KVCache)
         T_past = past_key_values.length if static else past_key_values[0][0].shape[2] if past_key_values else 0
