@@ -1,10 +1,6 @@
-"""The vision tower: CLIP ViT or SigLIP, returning the hidden states LLaVA picks its features from.
-
-One class covers both (they differ in the class token, the pre-layernorm, the patch conv's bias and
-the activation). Module names mirror transformers' CLIPVisionModel / SiglipVisionModel, so loading is
-a name map. Hidden state 0 is the (pre-normed) embeddings, state i the output of layer i.
-`post_layernorm` is loaded and saved but never applied (LLaVA reads hidden states); SigLIP's pooling
-`head` is not built at all.
+"""The vision tower: CLIP ViT or SigLIP (they differ in the class token, the pre-layernorm, the patch
+conv's bias and the activation), returning the hidden states LLaVA picks its features from. Module
+names mirror transformers' CLIPVisionModel / SiglipVisionModel, so loading is a name map.
 """
 import torch
 import torch.nn as nn
@@ -100,8 +96,7 @@ class VisionTower(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # loaded, never applied
 
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
-        """Hidden states [embeddings, layer 1, ..., layer n], each (B, P', D); n = num_layers or all
-        (LLaVA-1.5 reads layer -2, so the last layer need not run)."""
+        """[embeddings, layer 1, ..., layer n], each (B, P', D); LLaVA-1.5 reads layer -2, so n may stop short."""
         x = self.embeddings(pixel_values)  # (B, P', D)
         if hasattr(self, "pre_layrnorm"):
             x = self.pre_layrnorm(x)

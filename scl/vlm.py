@@ -1,8 +1,5 @@
-"""LLaVA: vision tower -> projector -> LLM, the model the whole project trains and evaluates.
-
-An image becomes P feature vectors (scl/vision.py), the projector maps them to the LLM width, and they
-overwrite the P `<image>` tokens the prompt already holds; the rest is a plain decoder (scl/llm.py).
-Submodule names are the Hub checkpoint's (layout (a) of scl/weights.py).
+"""LLaVA: vision tower -> projector -> LLM. An image becomes P feature vectors that overwrite the P
+`<image>` tokens the prompt already holds; the rest is a plain decoder. Names are the Hub checkpoint's.
 """
 import torch
 import torch.nn as nn

@@ -1,10 +1,8 @@
 """Checkpoint folders in Hugging Face format: `load_vlm` reads them, `save_vlm` writes them.
 
-A folder holds `config.json` and `model.safetensors` (or shards listed in its index). The tensors
-appear under four naming layouts in the wild; `RENAMES` maps each to our module names, and every key
-is then accounted for strictly: used, or dropped for a stated reason (`DROPPED`); every parameter
-filled, shapes equal. Anything else is a one-line `CheckpointError` naming file and key: a
-half-loaded model that runs on random weights is the worst failure a loader can have.
+Every key is accounted for: used, or dropped for a stated reason; every parameter filled, shapes equal.
+Anything else is a one-line `CheckpointError`: a half-loaded model running on random weights is the
+worst failure a loader can have.
 """
 import json
 import re
@@ -131,8 +129,7 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
 
 
 def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer, image processor) of a model folder; without a processor file, the vision
-    tower's own recipe."""
+    """(model, tokenizer, image processor) of a model folder."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
     model = load_vlm(path, dtype=dtype, device=device)
@@ -143,8 +140,7 @@ def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
 
 # -------------------------------------------------------------------- saving
 def save_vlm(model: VLM, path) -> None:
-    """Write `model` as a Hub-layout (a) folder (the one transformers >= 4.52 loads): model.safetensors,
-    config.json, generation_config.json. A tied model writes no head tensor."""
+    """Write `model` as a Hub-layout (a) folder, the one transformers >= 4.52 loads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -163,10 +159,8 @@ def save_vlm(model: VLM, path) -> None:
 
 
 def save_processor(path, config: VLMConfig) -> None:
-    """Write processor_config.json and chat_template.jinja beside a folder's tokenizer and
-    preprocessor_config.json, so that transformers' AutoProcessor gives render_chat's ids and our
-    pixels. LlavaProcessor's image token count, (S / patch)^2 + num_additional_image_tokens (the CLS
-    token), minus one under "default", is config.num_image_tokens."""
+    """Write processor_config.json and chat_template.jinja beside a folder's tokenizer and image recipe,
+    so that transformers' AutoProcessor gives render_chat's ids and our pixels."""
     path = Path(path)
     if not (path / "preprocessor_config.json").is_file():
         # else our ImageProcessor.from_dir would read processor_config.json as the image recipe
