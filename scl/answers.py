@@ -7,9 +7,6 @@ answer decides:
      `Answer: B` count; `## blue ##`, `## A cat ##`, `## A, B ##` and letters outside the options do not.
   2. Explicit answer phrases ("the answer is B", "final answer: d"); again the last one wins.
   3. Otherwise None: counted apart from wrong and never used to build a pair.
-
-A lowercase letter counts only with nothing but punctuation after it ("the answer is a dog" is not
-option A), and a bare letter elsewhere ("A. red" while listing options) never does.
 """
 import re
 
@@ -31,9 +28,9 @@ _AFTER_PHRASE = re.compile(
 
 
 def _letter(m, n_options, rest_needs_separator):
-    """The letter of a marker/phrase match, or None. A lowercase letter needs nothing but
-    punctuation after it; an uppercase one in a marker needs the end, a bracket or a separator
-    after it ("C. blue", "B) four"; "A cat" is option text, "A, B" is two answers)."""
+    """The letter of a marker/phrase match, or None. A lowercase letter needs nothing but punctuation
+    after it ("the answer is a dog" is not A); an uppercase one in a marker needs the end, a bracket or
+    a separator after it ("C. blue", "B) four"; "A cat" is option text, "A, B" is two answers)."""
     letter, rest = m.group("letter"), m.group("rest").strip()
     if letter.islower() and any(c.isalnum() for c in rest):
         return None

@@ -2,8 +2,7 @@
 
 Turn 1 asks the question with lettered options; turn 2 appends a review message (no external
 feedback). Names: "sp" = standard prompt (no review turn), "cp" = the critique prompt (code ID 0),
-"vp1".."vp3" = the visual prompts (IDs 1..3). Turn 1 is joined with newlines (as inference.py), the
-review message with spaces; options are always `A. text`, one per line, so one extractor serves all.
+"vp1".."vp3" = the visual prompts (IDs 1..3).
 """
 
 COT = "Explain your reasoning step-by-step."
@@ -30,17 +29,17 @@ PROMPT_NAMES = ("sp", "cp", "vp1", "vp2", "vp3")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def format_options(options):
-    """`A. first`, `B. second`, ... one per line."""
+def lettered(options):
+    """["A. first", "B. second", ...]: one layout of options, so one extractor serves every prompt."""
     if not 1 <= len(options) <= len(LETTERS):
         raise ValueError(f"need 1 to {len(LETTERS)} options, got {len(options)}")
-    return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+    return [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)]
 
 
 def turn1_message(question, options, hint=None):
     """The turn-1 user message: [Hint: ...], question, lettered options, CoT and format sentences,
     one per line. This full message is also the prompt of every SelfCorSet pair."""
-    parts = ([f"Hint: {hint}"] if hint else []) + [question, format_options(options), COT, FORMAT]
+    parts = ([f"Hint: {hint}"] if hint else []) + [question, *lettered(options), COT, FORMAT]
     return "\n".join(parts)
 
 
@@ -48,10 +47,7 @@ def turn1_message_official(question, options):
     """The turn-1 message as the paper's inference.py wrote it, for comparing with its numbers: no hint,
     the options inline (` A. x B. y`), the CoT sentence on a new line, the format sentence after a space.
     (MMStar's and RealWorldQA's options, split out by our loader, come back inline the same way.)"""
-    if not 1 <= len(options) <= len(LETTERS):
-        raise ValueError(f"need 1 to {len(LETTERS)} options, got {len(options)}")
-    inline = " ".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
-    return f"{question} {inline}\n{COT} {FORMAT}"
+    return f"{question} {' '.join(lettered(options))}\n{COT} {FORMAT}"
 
 
 def review_message(name):
