@@ -1,9 +1,5 @@
-"""Batched generation: greedy or temperature/top-p sampling with a KV cache, and its no-cache oracle.
-
-gpt-fast style: `prefill` fills a preallocated `KVCache` with the prompt, `decode_one` feeds one token
-per sequence, `sample` picks it, `generate` loops; `generate_ref` recomputes everything every step.
-Prompts are left-padded, so every next token is at column -1. A finished sequence gets
-`pad_token_id` and is still fed to the model (masked in, as transformers does), sharing the batch.
+"""Batched generation, gpt-fast style (`prefill`, `decode_one`, `sample`, `generate`), and `generate_ref`,
+the no-cache oracle. A finished sequence gets `pad_token_id` and is still fed, as in transformers.
 """
 import torch
 import torch.nn.functional as F
@@ -37,8 +33,8 @@ PREFILL_CHUNK = 64  # prompt tokens per prefill step
 
 
 def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Prompt (B, T) with images -> next-token logits (B, V), filling `cache`. `chunk` tokens at a time:
-    activations stay in the CPU's cache, and the causal upper half is never computed."""
+    """Prompt (B, T) with images -> next-token logits (B, V), filling `cache`, `chunk` tokens at a time so
+    activations stay in the CPU's cache and the causal upper half is never computed."""
     x = model.embed(input_ids, pixel_values)  # (B, T, D): image features merged over the whole prompt
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as in TextModel.forward
     text = model.language_model.model
@@ -50,8 +46,7 @@ def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chun
 
 
 def decode_one(model, tokens, position_ids, mask, cache: KVCache) -> torch.Tensor:
-    """tokens (B, 1) at position_ids (B, 1); mask (B, 1, 1, T_past + 1) from `attention_mask_4d`, or None
-    (no pads) -> next-token logits (B, V); cache one longer."""
+    """tokens (B, 1) at position_ids (B, 1), mask (B, 1, 1, T_past + 1) or None -> next logits (B, V)."""
     h, _ = model.forward_hidden(tokens, None, mask, position_ids, past_key_values=cache, use_cache=True)
     return last_logits(model, h[:, -1])
 

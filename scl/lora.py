@@ -5,7 +5,6 @@
 B = 0: the first DPO step sees policy == reference, and the reference is the same weights with the
 adapters off (`lora_disabled`). The paper: r 8, α 32, dropout 0.05 on the LLM's q/k/v only, never
 on the vision tower, whose layers have the same names (LLaVA's own code adapted it by mistake).
-`merge_lora` folds B·A into the weights, giving back the base model's names for save_vlm.
 """
 import math
 from contextlib import contextmanager
@@ -16,8 +15,7 @@ import torch.nn.functional as F
 
 
 class LoRALinear(nn.Module):
-    """nn.Linear plus a low-rank update. Keeps `weight`/`bias` as its own (frozen) parameters, so the
-    base names (`...q_proj.weight`) do not change; the adapter adds `...q_proj.lora_A` / `.lora_B`."""
+    """nn.Linear plus a low-rank update; `weight`/`bias` stay its own parameters, so their names do not change."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
@@ -59,8 +57,7 @@ def _set_child(model, name, module):
 
 def add_lora(model, r: int = 8, alpha: float = 32, dropout: float = 0.05,
              targets=("q_proj", "k_proj", "v_proj")) -> list:
-    """Freeze the model and wrap the LLM's linear layers named in `targets` with LoRA -> the adapter
-    tensors, the only trainable ones."""
+    """Freeze the model and wrap the LLM's linear layers named in `targets` -> the adapters, the only trainable."""
     if _lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA adapters")
     for p in model.parameters():
@@ -98,8 +95,7 @@ def lora_disabled(model):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its weight and put a plain nn.Linear back, in place: the state dict has
-    the keys it had before add_lora, and requires_grad of the frozen base."""
+    """Fold every adapter into its weight and put a plain nn.Linear back, in place: the keys save_vlm knows."""
     for name, m in _lora_modules(model):
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
