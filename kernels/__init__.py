@@ -1,12 +1,8 @@
 """Per-token log-probabilities for DPO scoring: the one entry point the project calls.
 
-    token_logprobs(logits, targets)                 logits (N, V) or (B, T, V) -> (N,) or (B, T) fp32
-    linear_token_logprobs(hidden, weight, targets)  hidden (N, H), lm_head weight (V, H) -> (N,) fp32
-
 `impl=None` runs Triton on CUDA tensors (when triton imports) and the chunked PyTorch reference
-elsewhere; Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/conftest.py sets it). Triton is
-imported only when a Triton path is taken. Reading order: logprobs_ref.py, logprobs.py,
-linear_logprobs.py, chunked_logprobs.py.
+elsewhere; Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/conftest.py sets it). Reading order:
+logprobs_ref.py, logprobs.py, linear_logprobs.py, chunked_logprobs.py.
 """
 import functools
 
@@ -49,8 +45,8 @@ def _check_targets(targets: torch.Tensor, batch_shape, V: int, ignore_index: int
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, impl=None) -> torch.Tensor:
-    """log softmax(logits)[target] per token, fp32, differentiable; `ignore_index` tokens give 0 and 0
-    gradient. logits (N, V) or (B, T, V), any row strides (a shifted logits[:, :-1] is not copied)."""
+    """logits (N, V) or (B, T, V), any row strides -> log softmax(logits)[target] (N,) or (B, T) fp32;
+    `ignore_index` tokens give 0 and 0 gradient."""
     if not logits.is_floating_point() or logits.dim() < 2:
         raise ValueError(f"logits must be a float tensor (..., V), got {logits.dtype} {tuple(logits.shape)}")
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
@@ -62,10 +58,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 
 def linear_token_logprobs(hidden, weight, targets, ignore_index: int = -100, impl=None) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[target] per token, fp32, without the whole (N, V) logits; gradients
-    accumulate in fp32. Drop prompt and image tokens from `hidden` first: only responses are scored.
-    impl: None ("chunked" on CUDA, else "ref"), "ref", "chunked" (cuBLAS products and the Triton logits
-    kernel per token chunk: the fastest) or "triton" (fused: no logits beyond a tile, the least memory)."""
+    """hidden (N, H), lm_head weight (V, H) -> log softmax(hidden @ weight.T)[target] (N,) fp32, never
+    holding the whole (N, V) logits. impl: None ("chunked" on CUDA, else "ref"), "ref", "chunked" (cuBLAS
+    and the Triton logits kernel per token chunk: the fastest) or "triton" (fused: the least memory)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype or hidden.device != weight.device:

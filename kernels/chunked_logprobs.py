@@ -1,9 +1,7 @@
-"""Per-token log-probabilities from hidden states and the lm_head weight, fast on a GPU: per token
-chunk, z = h_c @ W.T in cuBLAS and the Triton logits kernel (`logprobs.py`); the backward recomputes
-z, writes dz over it, then dh_c = dz @ W and dW += dz.T @ h_c (summed in fp32). Unlike the fused
-kernel (`linear_logprobs.py`), whose backward is bound by fp32 atomics, the products run at cuBLAS
-speed, with one (C, V) chunk of logits at a time (bench/gpu.md). Numerics are eager's: the logits
-are rounded to the operand dtype.
+"""Per-token log-probabilities from hidden states and the lm_head weight, fast on a GPU: per token chunk,
+z = h_c @ W.T in cuBLAS and the Triton logits kernel (`logprobs.py`); the backward recomputes z and writes
+dz over it. Unlike the fused kernel, whose backward is bound by fp32 atomics, the products run at cuBLAS
+speed. Numerics are eager's: the logits are rounded to the operand dtype.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -16,7 +14,6 @@ CPU_CHUNK_ELEMENTS = 1 << 12  # in the interpreter (tests): small, so test sizes
 
 
 def _chunks(N: int, V: int, device: torch.device) -> list[slice]:
-    """Token chunks of at most GPU_CHUNK_ELEMENTS logits (CPU_CHUNK_ELEMENTS in the interpreter)."""
     elements = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
     return [ts for _, ts in _row_chunks(1, N, V, elements)]
 

@@ -16,9 +16,8 @@ from kernels.logprobs_ref import _empty
 
 
 def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes and launch options, the one place they are chosen (no autotune: see logprobs.py).
-    fp32 operands use exact ("ieee") products, as torch's fp32 matmul. Interpreter: tiles large in N
-    and H (fewer numpy calls) but 128 wide in V, so test sizes cross tile and split borders."""
+    """Tile sizes and launch options, the one place they are chosen (no autotune: see logprobs.py). In the
+    interpreter, tiles are large in N and H (fewer numpy calls) but 128 wide in V, so tests cross borders."""
     on_gpu = device.type == "cuda"
     if not on_gpu:
         cfg = dict(BLOCK_N=max(16, min(64, triton.next_power_of_2(N))), BLOCK_V=128,

@@ -3,10 +3,8 @@
     logp[n] = z[n, y_n] - logsumexp_v z[n, v]                  (0 where y_n == ignore_index)
     dz[n, v] = g[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))   (g: the upstream gradient)
 
-`token_logprobs_eager` (log_softmax + gather) is the oracle. `token_logprobs_ref` gives the same
-numbers chunked over rows, recomputing softmax in backward instead of keeping (N, V) tensors;
-`linear_token_logprobs_ref` starts from hidden states and the lm_head weight, chunked over tokens and
-vocabulary blocks, so neither the (N, V) logits nor an fp32 copy of a 16-bit weight exists whole.
+`token_logprobs_eager` is the oracle; the `_ref` versions give its numbers in chunks, recomputing
+softmax in backward, so no (N, V) tensor (nor an fp32 copy of a 16-bit weight) exists whole.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -95,8 +93,7 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index
 # ---------------------------------------- hidden states + lm_head weight, chunked over tokens and vocabulary
 
 def _blocks(N: int, V: int, H: int):
-    """Token chunks and vocabulary blocks for the hidden-state version: a block of Vb weight rows holds
-    about CHUNK_ELEMENTS numbers once cast to fp32, a chunk of C tokens gives C x Vb <= CHUNK_ELEMENTS logits."""
+    """Token chunks of C and vocabulary blocks of Vb with Vb x H and C x Vb about CHUNK_ELEMENTS numbers."""
     rows = max(1, min(V, CHUNK_ELEMENTS // max(H, 1)))  # Vb
     tokens = max(1, CHUNK_ELEMENTS // rows)  # C
     return ([slice(t, min(t + tokens, N)) for t in range(0, N, tokens)],
