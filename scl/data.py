@@ -195,17 +195,18 @@ def _jsonl(path, split):
                 yield None, f"line {n}", BadRow("not a JSON object")
                 continue
             rid = str(obj["id"]) if obj.get("id") is not None else str(n)  # no id: the line number
-            image = obj.get("image")
-            if not isinstance(image, str) or not image:
-                yield rid, f"line {n}", BadRow("no image path")
-                continue
-            ipath = os.path.join(base, image)  # an absolute image path stays as it is
-            if not os.path.isfile(ipath):  # cheap to check now; decoding waits until the image is used
-                yield rid, f"line {n}", BadRow(f"image not found: {image}")
-                continue
-            yield rid, f"line {n}", lambda o=obj, r=rid, p=ipath, i=image: _make_row(
-                r, o.get("question"), o.get("options"), o.get("answer"), lambda: _open_image(p, i),
-                image_path=p, hint=o.get("hint"))
+            yield rid, f"line {n}", lambda o=obj, r=rid: _jsonl_row(base, r, o)
+
+
+def _jsonl_row(base, rid, obj):
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        raise BadRow("no image path")
+    ipath = os.path.join(base, image)  # an absolute image path stays as it is
+    if not os.path.isfile(ipath):  # cheap to check now; decoding waits until the image is used
+        raise BadRow(f"image not found: {image}")
+    return _make_row(rid, obj.get("question"), obj.get("options"), obj.get("answer"),
+                     lambda: _open_image(ipath, image), image_path=ipath, hint=obj.get("hint"))
 
 
 def _tsv_image(cell, images):

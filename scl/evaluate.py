@@ -107,9 +107,8 @@ def compare(records_a, records_b, seed=0) -> dict:
 # ---------------------------------------------------------------------------- one model
 
 def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str,
-                   prompts=None) -> tuple[dict, dict]:
+                   prompts: list[str]) -> tuple[dict, dict]:
     """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
-    prompts = cfg.prompts if prompts is None else prompts
     kw = dict(samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
               layout=cfg.turn1_layout)
     runs = {"sp": rollout(model, tok, processor, rows, prompt="sp", rounds=1, **kw)}
@@ -268,7 +267,7 @@ def experiment_report(result: dict) -> str:
 
 # ---------------------------------------------------------------------------- the whole evaluation
 
-def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model (and cfg.compare on the same rows); reuse out_dir when its fingerprint matches."""
     t0 = time.time()
     device = torch.device(resolve_device(cfg.device))
@@ -290,7 +289,7 @@ def run_eval(cfg: EvalConfig, names=("base", "scl")) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     write_jsonl(os.path.join(cfg.out_dir, "skipped.jsonl"), skipped)
-    labels = list(names[:len(models)]) if cfg.compare else ["model"]
+    labels = ["base", "scl"] if cfg.compare else ["model"]
     metrics, runs = {}, {}
     for label, path in zip(labels, models):
         try:

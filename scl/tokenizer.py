@@ -50,7 +50,7 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
 
     @classmethod
-    def from_dir(cls, path, chat_format=None):
+    def from_dir(cls, path):
         """Read tokenizer.json, tokenizer_config.json and the chat template from a model folder."""
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
@@ -59,8 +59,7 @@ class Tokenizer:
         cp = os.path.join(path, "tokenizer_config.json")
         cfg = _read_json(cp) if os.path.isfile(cp) else {}
         _match_transformers_llama(backend, cfg, _read_json(tj))
-        if chat_format is None:
-            chat_format = "chatml" if "<|im_start|>" in _chat_template(path, cfg) else "llava"
+        chat_format = "chatml" if "<|im_start|>" in _chat_template(path, cfg) else "llava"
         return cls(backend,
                    bos_token=_content(cfg.get("bos_token")), eos_token=_content(cfg.get("eos_token")),
                    pad_token=_content(cfg.get("pad_token")), unk_token=_content(cfg.get("unk_token")),
