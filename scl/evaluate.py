@@ -184,15 +184,23 @@ def plot_rounds(metrics_by_model: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _row(*cells) -> str:  # a markdown table row
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
     lines = ["# Evaluation", "", "## Single-turn accuracy", "", "| model | questions | accuracy | unparsed |",
              "|---|---|---|---|"]
     for name, m in metrics_by_model.items():
-        lines.append(f"| {name} | {m['questions']} | {100 * m['test_accuracy']:.1f}% | {100 * m['unparsed_rate']:.1f}% |")
+        lines.append(_row(name, m["questions"], _pct(m["test_accuracy"]), _pct(m["unparsed_rate"])))
     circular = {n: m["circular_accuracy"] for n, m in metrics_by_model.items() if m.get("circular_accuracy") is not None}
     if circular:  # MMBench-style data: a question counts only when every rotation of its options is right
         lines += ["", "Circular accuracy (all rotations of a question right): " + ", ".join(
-            f"{n} {100 * a:.1f}%" for n, a in circular.items()) + "."]
+            f"{n} {_pct(a)}" for n, a in circular.items()) + "."]
     if comparison:
         c = comparison
         lines += ["", f"Difference {100 * c['difference']:+.1f} points (95% bootstrap CI {100 * c['ci95'][0]:+.1f} to "
@@ -203,14 +211,13 @@ def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics_by_model.items():
         for p, v in m["prompts"].items():
-            t = v["transitions"]
-            lines.append(f"| {name} | {p} | {100 * v['turn1_accuracy']:.1f}% | {100 * v['turn2_accuracy']:.1f}% | "
-                         f"{t['1']} | {t['2']} | {t['3']} | {t['4']} | {t['unparsed']} |")
-    lines += ["", "## K-round curve", "", "| model | " + " | ".join(
-        f"turn {k + 1}" for k in range(max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values()))) + " |"]
-    lines.append("|---|" + "---|" * max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values()))
+            counts = [v["transitions"][k] for k in ("1", "2", "3", "4", "unparsed")]
+            lines.append(_row(name, p, _pct(v["turn1_accuracy"]), _pct(v["turn2_accuracy"]), *counts))
+    K = max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values())
+    lines += ["", "## K-round curve", "", "| model | " + " | ".join(f"turn {k + 1}" for k in range(K)) + " |",
+              "|---|" + "---|" * K]
     for name, m in metrics_by_model.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}%" for a in m["rounds"]["accuracy"]) + " |")
+        lines.append(_row(name, *map(_pct, m["rounds"]["accuracy"])))
     lines += ["", "![rounds and transitions](eval.png)", ""]
     return "\n".join(lines)
 
@@ -220,17 +227,17 @@ def experiment_report(result: dict) -> str:
     ev, sc = result["eval"], result["selfcorset"]
     c, base = ev.get("comparison"), ev.get("base") or ev["model"]
     lines = ["# SCL on the built-in task", "", "| model | single-turn test accuracy |", "|---|---|",
-             f"| base (SFT) | {100 * base['test_accuracy']:.1f}% |"]
+             _row("base (SFT)", _pct(base["test_accuracy"]))]
     if c:
-        lines += [f"| SCL (DPO on SelfCorSet) | {100 * ev['scl']['test_accuracy']:.1f}% |", "",
+        lines += [_row("SCL (DPO on SelfCorSet)", _pct(ev["scl"]["test_accuracy"])), "",
                   f"Difference {100 * c['difference']:+.1f} points, 95% bootstrap CI [{100 * c['ci95'][0]:+.1f}, "
                   f"{100 * c['ci95'][1]:+.1f}], McNemar exact p = {c['p_value']:.3g} ({c['questions']} test "
                   f"questions; only base right {c['only_a_right']}, only SCL right {c['only_b_right']})."]
     else:
         lines += ["", "No SCL model: the base model's rollouts gave no wrong→right or right→wrong flips."]
     acc = sc["accuracy"]
-    lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {100 * acc['turn1']:.1f}% → turn 2 "
-                  f"{100 * acc.get('turn2', 0):.1f}%, types 1/2/3/4 = {'/'.join(str(sc['types'][k]) for k in '1234')}"
+    lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {_pct(acc['turn1'])} → turn 2 "
+                  f"{_pct(acc.get('turn2', 0))}, types 1/2/3/4 = {'/'.join(str(sc['types'][k]) for k in '1234')}"
                   f" ({sc['types']['unparsed']} unparsed), {sc['pairs']} pairs."]
     if "reasoned" in sc:
         r = sc["reasoned"]
@@ -244,22 +251,19 @@ def experiment_report(result: dict) -> str:
         lines += ["", "## Why: what the answers are made of (test, single turn, greedy)", "",
                   "| model | " + " | ".join(kinds) + " | right answers reasoned |", "|---" * (len(kinds) + 2) + "|"]
         for name, a in (("base", b), ("SCL", t)):
-            lines.append(f"| {name} | " + " | ".join(str(a["kinds"].get(k, 0)) for k in kinds) +
-                         f" | {a['right_reasoned']} of {a['right']} |")
+            lines.append(_row(name, *(a["kinds"].get(k, 0) for k in kinds), f"{a['right_reasoned']} of {a['right']}"))
         lines += ["", "Kinds: reasoned = every step of the scan and the letter right; misread = a cell described "
                       "wrong; slip = every cell right, a count or the marked object wrong; letter = the scan right, "
                       "the value or letter wrong.", "",
-                  "| gold letter | " + " | ".join(b["accuracy_by_letter"]) + " |", "|---" * 5 + "|"]
+                  _row("gold letter", *b["accuracy_by_letter"]), "|---" * 5 + "|"]
         for name, a in (("base", b), ("SCL", t)):
-            lines.append(f"| {name} accuracy | " + " | ".join(f"{100 * v:.1f}%" for v in a["accuracy_by_letter"].values())
-                         + " |")
-            lines.append(f"| {name} answered | " + " | ".join(str(a["answered"].get(k, 0)) for k in b["accuracy_by_letter"])
-                         + " |")
+            lines.append(_row(f"{name} accuracy", *map(_pct, a["accuracy_by_letter"].values())))
+            lines.append(_row(f"{name} answered", *(a["answered"].get(k, 0) for k in b["accuracy_by_letter"])))
     lines += ["", "## What a review turn does to the base model (test, greedy)", "",
               "| prompt | turn 1 | turn 2 | wrong→right | right→wrong |", "|---|---|---|---|---|"]
     for p, v in base["prompts"].items():
         t = v["transitions"]
-        lines.append(f"| {p} | {100 * v['turn1_accuracy']:.1f}% | {100 * v['turn2_accuracy']:.1f}% | {t['2']} | {t['3']} |")
+        lines.append(_row(p, _pct(v["turn1_accuracy"]), _pct(v["turn2_accuracy"]), t["2"], t["3"]))
     lines += ["", f"Stage times (s): {result['stage_seconds']}; total {result['seconds']:.0f} s.", "",
               "Details: eval/report.md; plots: eval/eval.png, dpo/dpo.png.", ""]
     return "\n".join(lines)
