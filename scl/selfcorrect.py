@@ -20,7 +20,6 @@ from scl.answers import extract_answer
 from scl.files import atomic_write, fingerprint, read_json, read_jsonl, write_json, write_jsonl
 from scl.data import BadRow, load_rows
 from scl.generation import generate
-from scl.image import ImageProcessor
 from scl.prompts import PROMPT_NAMES, review_message, turn1_message, turn1_message_official
 from scl.tokenizer import pad_left, render_chat
 from scl.weights import load_model_dir
@@ -244,7 +243,6 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
         raise FileNotFoundError(f"data file not found: {cfg.data}")
     if model is None:
         model, tok, processor = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
-    processor = processor or ImageProcessor.from_config(model.config)  # no processor file: the tower's recipe
     if tok.image_token_id != model.config.image_token_index:
         raise ValueError(f"{cfg.model}: tokenizer's {tok.image_token} id {tok.image_token_id} != "
                          f"image_token_index {model.config.image_token_index} in config.json")
