@@ -49,10 +49,8 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: 
     gen_prompt, _ = render_chat(tok, [user], num_image_tokens, add_generation_prompt=True)
     prompt_c, chosen_ids = _split_conversation(tok, user, chosen, num_image_tokens)
     prompt_r, rejected_ids = _split_conversation(tok, user, rejected, num_image_tokens)
-    # Footgun: render_chat encodes the whole conversation in one call, so a tokenizer that merged across
-    # the prompt/answer boundary would make the trained prefix differ from the generation prompt and
-    # between the two responses. The separators (" " in LLaVA, "\n" in ChatML) are pre-tokenizer split
-    # points in SentencePiece and byte-level vocabularies, so this holds; if not, the pair is skipped.
+    # Footgun: render_chat encodes the whole conversation at once, so a tokenizer that merged across the
+    # prompt/answer boundary would make the trained prefix differ from the generation prompt: skipped.
     if not (prompt_c == prompt_r == gen_prompt):
         raise SkipPair("prompt tokens depend on the response (tokenizer merges across the turn boundary)")
     if tok.image_token_id is not None and num_image_tokens:

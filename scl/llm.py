@@ -87,9 +87,8 @@ class Attention(nn.Module):
             x, cos, sin, T = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], 1
             mask = None if mask is None else mask[:, :, -1:]  # the last query sees every key that is no pad
         if T == 1:
-            # One query per row (decoding): (B, 1, H * Dh) already is (B, H, 1, Dh) in memory, and viewing
-            # it as (B, H_kv, rep, Dh) puts the `rep` query heads sharing a kv head on the "time" axis, so
-            # grouped-query attention runs on the kv heads as they are: no copy of k/v, no transposes.
+            # One query per row (decoding): viewed as (B, H_kv, rep, Dh), the `rep` query heads sharing a kv
+            # head sit on the "time" axis, so attention runs on the kv heads as they are: no copy of k/v.
             q = apply_rope(self.q_proj(x).view(B, self.n_kv, rep, Dh), cos, sin)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5)  # (B, H_kv, rep, Dh)
         else:
