@@ -109,9 +109,8 @@ def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
 
 
 def logprobs_bwd(logits, targets, lse, grad_logp, ignore_index, out=None):
-    """-> grad (B, T, V) contiguous, in the logits' dtype: a new buffer, or `out`, which may be the
-    logits themselves when contiguous and nothing else holds them (each element is read, then written,
-    by the same program)."""
+    """-> grad (B, T, V) contiguous, in the logits' dtype: a new buffer, or `out`, which may be the logits
+    themselves when nothing else holds them (each element is read, then written, by the same program)."""
     B, T, V = logits.shape
     grad = _empty((B, T, V), logits.dtype, logits.device) if out is None else out
     if B * T > 0:

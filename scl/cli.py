@@ -1,7 +1,5 @@
 """Command-line flags derived from a config dataclass: `--field=value`, names exactly as the fields.
-
-The dataclass is the single source of defaults; this file only turns strings into those fields'
-types. Unknown flags and bad values stop with a one-line message (argparse-style exit code 2).
+The dataclass is the single source of defaults; unknown flags and bad values exit 2 with one line.
 """
 import dataclasses
 import json

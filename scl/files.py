@@ -1,8 +1,7 @@
 """What stages write and read back: atomic writes, JSON Lines, content fingerprints, training checkpoints.
 
-Every output is written under a temporary name and renamed into place, so a crash leaves the old
-version or the new one. A stage reuses earlier output only when the fingerprint (a hash of the
-*contents* of its inputs) matches, so a changed base model redoes what was made from it.
+Every output is renamed into place, so a crash leaves the old version or the new one. A stage reuses
+earlier output only when the fingerprint of its inputs' *contents* matches.
 """
 import hashlib
 import json
@@ -85,9 +84,8 @@ def _hash_file(h, path: str) -> None:
 
 
 def fingerprint(settings=None, files=(), models=()) -> str:
-    """sha256 of some settings (anything JSON can write) and the contents of `files` and of the
-    weight, config and tokenizer files of each model folder in `models`. Paths and times are not part
-    of it: the same bytes give the same fingerprint wherever they lie."""
+    """sha256 of some settings, the contents of `files` and the weight, config and tokenizer files of each
+    model folder: the same bytes give the same fingerprint wherever they lie."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in files:
         h.update(b"\0file\0")

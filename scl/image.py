@@ -99,8 +99,7 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, path):
-        """preprocessor_config.json (Hub layout), else processor_config.json, the settings maybe nested
-        under "image_processor" (transformers 5.x)."""
+        """preprocessor_config.json (Hub layout), else processor_config.json (transformers 5.x, maybe nested)."""
         for name in ("preprocessor_config.json", "processor_config.json"):
             if os.path.isfile(os.path.join(path, name)):
                 with open(os.path.join(path, name), encoding="utf-8") as f:

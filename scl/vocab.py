@@ -20,10 +20,8 @@ def protocol_sentences():
 
 
 def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_length=1024):
-    """Train a BPE on `texts`; write out_dir/tokenizer.json and tokenizer_config.json; return the
-    tokenizers.Tokenizer. Ids: <unk> 0, <s> 1, </s> 2, the learned pieces, <image>, <pad>, then each
-    of `whole_tokens` (e.g. `protocol_sentences()`) as one token. Every printable ASCII character is
-    in the alphabet, so any ASCII text round-trips."""
+    """Train a BPE on `texts` and write it to out_dir. Ids: <unk> 0, <s> 1, </s> 2, the learned pieces,
+    <image>, <pad>, then each of `whole_tokens` as one token. Any printable ASCII text round-trips."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Newlines and . , ? stand alone, so "3" in "is 3, option B." is the token of the option line "B. 3".
