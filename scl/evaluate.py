@@ -252,9 +252,9 @@ def experiment_report(result: dict) -> str:
                   "| model | " + " | ".join(kinds) + " | right answers reasoned |", "|---" * (len(kinds) + 2) + "|"]
         for name, a in (("base", b), ("SCL", t)):
             lines.append(_row(name, *(a["kinds"].get(k, 0) for k in kinds), f"{a['right_reasoned']} of {a['right']}"))
-        lines += ["", "Kinds: reasoned = every step of the scan and the letter right; misread = a cell described "
-                      "wrong; slip = every cell right, a count or the marked object wrong; letter = the scan right, "
-                      "the value or letter wrong.", "",
+        lines += ["", "Kinds: reasoned = the reading, every step and the letter right; misread = a cell described "
+                      "wrong; slip = the reading right, then a wrong step (a cell listed, a count, the object looked "
+                      "up); letter = reading and steps right, the value or letter wrong.", "",
                   _row("gold letter", *b["accuracy_by_letter"]), "|---" * 5 + "|"]
         for name, a in (("base", b), ("SCL", t)):
             lines.append(_row(f"{name} accuracy", *map(_pct, a["accuracy_by_letter"].values())))

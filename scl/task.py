@@ -278,6 +278,21 @@ def response(scene, q, letter=None, describe=False):
     return f"{caption(seen)} {text}" if describe else text
 
 
+def error_kind(row, text) -> str:
+    """What went wrong in a response, against the reference: "reasoned" (nothing), "misread" (a cell of
+    the reading wrong), "slip" (the reading right, then a wrong step: a cell listed, a count, the object
+    looked up), "letter" (reading and steps right, then the wrong value or option), "format" (no
+    reading and steps to compare)."""
+    scene, (head, sep, _) = row["scene"], text.partition(" So the answer is ")
+    if not sep or not head.startswith(CELLS[0] + ":"):
+        return "format"
+    if not head.startswith(caption(scene)):
+        return "misread"
+    if head[len(caption(scene)):].strip() != _steps(scene, row):
+        return "slip"
+    return "reasoned" if text == response(scene, row, describe=True) else "letter"
+
+
 def reasoned(row, text) -> bool:
     """Does `text` carry the reference reasoning of `row`: the scene read out right, then the very steps
     `response` writes? A right letter alone can be a lucky guess after wrong steps (1 in 4 by chance);
@@ -363,3 +378,24 @@ def reasoning_counts(data: str, responses: str) -> dict:
     return {"right": len(right), "right_reasoned": sum(reasoned(row, text) for row, text in right),
             "chosen_reasoned": sum(reasoned(rows[p["id"]], p["chosen"]) for p in pairs),
             "rejected_reasoned": sum(reasoned(rows[p["id"]], p["rejected"]) for p in pairs)}
+
+
+def answer_analysis(data: str, responses: str) -> dict:
+    """What a model's single-turn answers are made of: the error kind of every answer, the right answers
+    that are reasoned, accuracy per family and per gold letter, and how often each letter is answered.
+    Comparing two models says *why* one is more accurate: fewer slips of some kind, or merely a letter
+    it now prefers whatever the question (a prior, not the paper's effect)."""
+    rows = {r["id"]: r for r in read_jsonl(data)}
+    records = [(rows[x["id"]], x["turns"][0]) for x in read_jsonl(responses)]
+    total, right = {"family": Counter(), "letter": Counter()}, {"family": Counter(), "letter": Counter()}
+    for row, t in records:
+        for key in ("family", "letter"):
+            value = row["family"] if key == "family" else row["answer"]
+            total[key][value] += 1
+            right[key][value] += t["correct"]
+    return {"kinds": dict(Counter(error_kind(row, t["text"]) for row, t in records)),
+            "right": sum(t["correct"] for _, t in records),
+            "right_reasoned": sum(t["correct"] and reasoned(row, t["text"]) for row, t in records),
+            "accuracy_by_family": {k: right["family"][k] / n for k, n in sorted(total["family"].items())},
+            "accuracy_by_letter": {k: right["letter"][k] / n for k, n in sorted(total["letter"].items())},
+            "answered": dict(sorted(Counter(str(t["answer"]) for _, t in records).items()))}

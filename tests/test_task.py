@@ -166,6 +166,38 @@ def test_reasoned_tells_a_reasoned_answer_from_a_lucky_letter(rows):
         assert not task.reasoned(r, lucky)
 
 
+def test_error_kind_names_the_first_wrong_part(rows):
+    for r in rows[:200]:
+        gold = task.response(r["scene"], r, describe=True)
+        assert task.error_kind(r, gold) == "reasoned"
+        other = next(x for x in "ABCD" if x != r["answer"])
+        assert task.error_kind(r, task.response(r["scene"], r, other, describe=True)) == "misread"
+        reading = task.caption(r["scene"])
+        steps = task.response(r["scene"], r, other)  # steps of the scene `other` needs, after a right reading
+        assert task.error_kind(r, f"{reading} {steps}") == "slip"
+        letter = gold.replace(f"option {r['answer']}. ## {r['answer']} ##", f"option {other}. ## {other} ##")
+        assert task.error_kind(r, letter) == "letter"
+        assert task.error_kind(r, task.response(r["scene"], r)) == "format"  # steps with no reading first
+
+
+def test_answer_analysis_counts_kinds_letters_and_families(tmp_path, rows):
+    picked = rows[:40]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    records = []
+    for k, r in enumerate(picked):  # even rows answered right with reasoning, odd rows with option A
+        text = task.response(r["scene"], r, None if k % 2 == 0 else "A", describe=True)
+        answer = r["answer"] if k % 2 == 0 else "A"
+        records.append({"id": r["id"], "turns": [{"text": text, "answer": answer, "correct": answer == r["answer"]}]})
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    a = task.answer_analysis(str(tmp_path / "data.jsonl"), str(tmp_path / "responses.jsonl"))
+    lucky = sum(k % 2 == 1 and r["answer"] == "A" for k, r in enumerate(picked))
+    assert a["right"] == 20 + lucky and a["right_reasoned"] == 20 + lucky
+    assert a["kinds"] == {"reasoned": 20 + lucky, "misread": 20 - lucky}
+    assert a["answered"]["A"] == 20 + sum(k % 2 == 0 and r["answer"] == "A" for k, r in enumerate(picked))
+    assert a["accuracy_by_letter"]["A"] == 1.0
+    assert set(a["accuracy_by_family"]) == {r["family"] for r in picked}
+
+
 def test_sft_conversations_follow_the_protocol(written):
     _, splits = written
     reviews = 0
