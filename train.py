@@ -5,10 +5,9 @@
     python train.py --stage=dpo --model=DIR --pairs=FILE --out_dir=DIR   # DPO on a SelfCorSet file
     torchrun --nproc_per_node=2 train.py --stage=dpo ...                 # data parallel (gloo on CPU)
 
-Read top to bottom: the config; the whole experiment (`run_all`: base model -> two-turn rollouts ->
-SelfCorSet -> DPO -> base vs SCL on test), where every stage is skipped when its output exists and was
-made from the same inputs; the SFT loop that trains the base model; the DPO loop, which is the method:
-batch -> policy log-probs -> cached reference log-probs -> loss -> backward -> all-reduce -> clip -> step.
+Read top to bottom: the config; the whole experiment (`run_all`); the SFT loop that trains the base
+model; the DPO loop, which is the method: batch -> policy log-probs -> cached reference log-probs -> loss
+-> backward -> all-reduce -> clip -> step.
 """
 import dataclasses
 import json
@@ -95,10 +94,6 @@ DPO_FIELDS = ("seed", "beta", "sft_alpha", "lr", "epochs", "batch_size", "micro_
               "max_length", "pair_fraction", "share_prefix", "dtype")
 
 
-def settings(cfg, fields) -> dict:
-    return {k: getattr(cfg, k) for k in fields}
-
-
 def pick_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
@@ -158,7 +153,7 @@ def run_sft(cfg: TrainConfig) -> dict:
     from scl.weights import save_vlm
 
     base_dir = os.path.join(cfg.out_dir, "base")
-    key = fingerprint(settings(cfg, SFT_FIELDS))
+    key = fingerprint({k: getattr(cfg, k) for k in SFT_FIELDS})
     done = read_json(os.path.join(base_dir, "metrics.json"))
     if done and done.get("fingerprint") == key:
         print(f"sft: reusing {base_dir} (made with the same settings)")
@@ -260,7 +255,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
         sys.exit(f"error: {e}")
     pairs, skipped = read_pairs(cfg.pairs, tok, proc, model.config.num_image_tokens, cfg.max_length)
     images = sorted({p["image_path"] for p in pairs})
-    key = fingerprint(settings(cfg, DPO_FIELDS), files=[cfg.pairs, *images], models=[cfg.model])
+    key = fingerprint({k: getattr(cfg, k) for k in DPO_FIELDS}, files=[cfg.pairs, *images], models=[cfg.model])
     out = cfg.out_dir
     done = read_json(os.path.join(out, "metrics.json"))
     if done and done.get("fingerprint") == key and os.path.isdir(os.path.join(out, "model")):
@@ -414,8 +409,6 @@ def main(argv=None):
     stages = {"all": run_all, "sft": run_sft, "dpo": run_dpo}
     if cfg.stage not in stages:
         sys.exit(f"error: unknown --stage={cfg.stage} (all | sft | dpo)")
-    if cfg.stage == "dpo" and not (cfg.model and cfg.pairs):
-        sys.exit("error: --stage=dpo needs --model=DIR and --pairs=FILE")
     return stages[cfg.stage](cfg)
 
 
