@@ -5,18 +5,16 @@
     python train.py --stage=dpo --model=DIR --pairs=FILE --out_dir=DIR   # DPO on a SelfCorSet file
     torchrun --nproc_per_node=2 train.py --stage=dpo ...                 # data parallel (gloo on CPU)
 
-Read top to bottom: the config; the whole experiment (`run_all`); the SFT loop that trains the base
-model; the DPO loop, which is the method: batch -> policy log-probs -> cached reference log-probs -> loss
--> backward -> all-reduce -> clip -> step.
+Read top to bottom: the config, the whole experiment (`run_all`), the SFT loop, and the DPO loop, which
+is the method: batch -> policy and cached reference log-probs -> loss -> backward -> all-reduce -> step.
 """
-import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -124,8 +122,8 @@ def run_all(cfg: TrainConfig) -> dict:
                          device=cfg.device)
     selfcorset = timed("rollouts", run_generate, gen)
     selfcorset["reasoned"] = reasoning_counts(gen.data, os.path.join(gen.out_dir, "responses.jsonl"))
-    dpo_cfg = dataclasses.replace(cfg, stage="dpo", model=base, pairs=os.path.join(gen.out_dir, "selfcorset.jsonl"),
-                                  out_dir=os.path.join(out, "dpo"))
+    dpo_cfg = replace(cfg, stage="dpo", model=base, pairs=os.path.join(gen.out_dir, "selfcorset.jsonl"),
+                      out_dir=os.path.join(out, "dpo"))
     dpo = timed("dpo", run_dpo, dpo_cfg) if selfcorset["pairs"] else {"steps": 0}
     scl = os.path.join(dpo_cfg.out_dir, "model") if selfcorset["pairs"] else None  # no flips, no SCL model
     ev = EvalConfig(model=base, compare=scl, data=os.path.join(data, "test.jsonl"), out_dir=os.path.join(out, "eval"),
@@ -222,12 +220,6 @@ def init_distributed(device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up, then linear decay to 0 (the paper's ms-swift `linear` schedule)."""
     if step < warmup:
@@ -238,6 +230,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def run_dpo(cfg: TrainConfig) -> dict:
     """DPO from cfg.model on cfg.pairs; the tuned model (LoRA merged) is written to out_dir/model/."""
     from scl.dpo import read_pairs, reference_logps
+    from scl.evaluate import summarize_log
     from scl.lora import add_lora, merge_lora
     from scl.weights import CheckpointError, copy_processor_files, load_model_dir, save_vlm
 
@@ -267,7 +260,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     if rank == 0:
-        write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(out, "config.json"), asdict(cfg))
         write_text(os.path.join(out, "skipped.jsonl"), "".join(json.dumps(s) + "\n" for s in skipped))
     n = max(1, round(len(pairs) * cfg.pair_fraction))  # a seeded subset, in file order
     train = [pairs[i] for i in sorted(random.Random(cfg.seed).sample(range(len(pairs)), n))]
@@ -310,7 +303,7 @@ def run_dpo(cfg: TrainConfig) -> dict:
     export = os.path.join(out, "model")
     save_vlm(model.eval(), export)
     copy_processor_files(cfg.model, export)
-    result = dpo_summary(log, out)
+    result = summarize_log(log, ("loss", "rewards/margins", "rewards/accuracies"), os.path.join(out, "dpo.png"))
     result.update(fingerprint=key, pairs_train=len(train), pairs_skipped=len(skipped), seconds=round(time.time() - t0, 1))
     write_json(os.path.join(out, "metrics.json"), result)
     print(f"dpo: {len(train)} pairs, {result['steps']} steps, {result['seconds']:.0f} s -> {export}")
@@ -330,9 +323,7 @@ def train_dpo(cfg, model, params, optimizer, pairs, reference, pad_id, key, rank
         trainable, state = load_checkpoint(ckpt)
         if state.get("fingerprint") != key:
             sys.exit(f"error: {ckpt} was made from other inputs (model, pairs or settings); drop --resume")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(trainable[name])
+        model.load_state_dict(trainable, strict=False)  # the trainable tensors, in place
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, nan_steps = state["step"], state["nan_steps"]
@@ -355,9 +346,12 @@ def train_dpo(cfg, model, params, optimizer, pairs, reference, pad_id, key, rank
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
         # All ranks agree on the step: gradients and metrics summed, one finiteness test.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        flat = all_reduce_(torch.cat([g.reshape(-1).float() for g in grads]))
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
         keys = sorted(sums)
-        stats = all_reduce_(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=flat.device))
+        stats = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=flat.device)
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+            dist.all_reduce(stats)
         metrics = {k: v / len(group) for k, v in zip(keys, stats.tolist())}
         if not (torch.isfinite(flat).all() and math.isfinite(metrics["loss"])):
             nan_steps += 1
@@ -387,16 +381,6 @@ def train_dpo(cfg, model, params, optimizer, pairs, reference, pad_id, key, rank
         if stop and done < total:
             return None
     return log
-
-
-def dpo_summary(log: list[dict], out_dir: str) -> dict:
-    """Means of the first and last tenth of the steps, and the PNG of loss, margins and accuracies."""
-    from scl.evaluate import plot_log
-
-    keys, k = ("loss", "rewards/margins", "rewards/accuracies"), max(1, len(log) // 10)
-    plot_log(log, keys, os.path.join(out_dir, "dpo.png"))
-    return {"steps": len(log), **{f"{when}/{name}": sum(r[name] for r in rows) / len(rows)
-                                  for name in keys for when, rows in (("first", log[:k]), ("last", log[-k:]))}}
 
 
 # -----------------------------------------------------------------------------

@@ -136,8 +136,9 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
 
 # ---------------------------------------------------------------------------- report
 
-def plot_log(rows: list[dict], keys, path: str) -> None:
-    """One panel per metric of a training log against its step."""
+def summarize_log(rows: list[dict], keys, path: str) -> dict:
+    """A training log's steps and the means of its first and last tenth of steps per metric; the PNG at
+    `path` has one panel per metric against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,6 +151,9 @@ def plot_log(rows: list[dict], keys, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    k = max(1, len(rows) // 10)
+    return {"steps": len(rows), **{f"{when}/{key}": sum(r[key] for r in part) / len(part)
+                                   for key in keys for when, part in (("first", rows[:k]), ("last", rows[-k:]))}}
 
 
 def plot_rounds(metrics_by_model: dict, path: str) -> None:
