@@ -5,29 +5,17 @@ tiny LLaVA-architecture model is SFT-trained on them from scratch, and the SCL l
 files are the generic MCQ JSONL (`{"id", "image", "question", "options", "answer"}`), so every later
 stage runs the same code as for a user's data set.
 
-Why the task looks like this. A throwaway prototype with freely placed shapes reached only 33-38%
-after 7-13 minutes of CPU SFT, and its bottleneck was the option letter, not the image
-(docs/experiments.md). So everything here is shaped for a tiny model that learns in minutes:
-- One object per grid cell and one cell per ViT patch (`cell_px` must equal the model's patch size):
-  each image token holds one whole object, colour, shape and size are linear in its pixels, and the
-  cell is its position embedding. 48×48 px, 9 image tokens.
-- Few values: 4 colours, 4 shapes, 2 sizes, 9 cells with one-word names (`top-left` … `bottom-right`).
-  Every question has exactly four answers that make sense: the 4 colours, the 4 shapes, or 4
-  consecutive counts.
+Why the task looks like this (the attempts behind it are in docs/experiments.md):
+- One object per grid cell and one cell per ViT patch (`cell_px` equals the model's patch size): each
+  image token holds one whole object, and the cell is its position embedding. 48×48 px, 9 tokens.
+- Few values: 4 colours, 4 shapes, 2 sizes, 9 cells with one-word names. Every question has four
+  options that make sense: the 4 colours, the 4 shapes, or 4 consecutive counts.
 - No answer prior: the option set is drawn first, the gold option uniformly among the four (letters
-  exactly balanced per split), and only then a scene that makes it true. A model that does not look
-  at the image is at 25%; the test file checks a text-only lookup table stays near that.
-- The rationale is a few easy steps grounded in the scene (list the cells that match, then the
-  count), then it names the value and its option ("So the answer is 3, option B.") and copies the
-  letter into `## B ##`: the letter becomes a lookup of a value the model has just written.
-- The tokenizer makes each fixed protocol sentence one token (`protocol_sentences`): a turn-1 prompt
-  is ~28 text tokens instead of ~59, a review message 5 instead of 57-74; SFT time is ∝ tokens.
-
-The review turn in SFT data: a share of SFT conversations carries turn 2 (turn-1 answer, a
-review prompt cp/vp1/vp2/vp3 drawn at random, a second answer), so the model knows the format. The
-trained second answer is always the correct response, the same target as a single-turn answer; the
-first answer is untrained context, sometimes a reasoning slip, so that the second is re-derived rather
-than copied (see `conversation`). Nothing teaches turn 2 to beat turn 1: what it does is measured.
+  exactly balanced per split), and only then a scene that makes it true.
+- The answer reads the grid out first (`caption`: a tiny model learns to see only when every answer
+  starts with this reading), then takes a few steps grounded in it, then names the value and its
+  option ("So the answer is 3, option B. ## B ##"): the letter is a lookup of a value just written.
+- The tokenizer makes each fixed protocol sentence one token (`protocol_sentences`): SFT time is ∝ tokens.
 """
 import hashlib
 import json
