@@ -270,15 +270,21 @@ def test_bench_dpo_vs_trl_tiny(tmp_path):
                for label, kind, a in runs_for("float32", 6, 6)])
 
 
-@pytest.mark.bench
-def test_bench_dpo_vs_trl_qwen_05b(tmp_path):
-    pytest.importorskip("trl")
-    pairs = write_pairs(tmp_path / "data", 2)
+def qwen_05b(tmp_path) -> str:
+    """A random-weight llava-interleave-qwen-0.5b checkpoint: $SCL_BENCH_05B when set, else made here."""
     model = os.environ.get("SCL_BENCH_05B") or str(tmp_path / "q05")
     if not os.path.isdir(model):
         subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_checkpoint.py"),
                         f"--config={os.path.join(ROOT, 'bench', 'configs', 'llava-interleave-qwen-0.5b-hf')}",
                         f"--out={model}"], check=True)
+    return model
+
+
+@pytest.mark.bench
+def test_bench_dpo_vs_trl_qwen_05b(tmp_path):
+    pytest.importorskip("trl")
+    pairs = write_pairs(tmp_path / "data", 2)
+    model = qwen_05b(tmp_path)
     more = [("ours, gradient checkpointing", "ours", {"dtype": "bfloat16", "share_prefix": True, "steps": 3,
                                                        "grad_checkpointing": True,
                                                        "note": "decoder layers recomputed in backward (as TRL)"}),
@@ -335,11 +341,7 @@ def run_generate(a: dict) -> dict:
 def test_bench_generation_vs_transformers_qwen_05b(tmp_path):
     pytest.importorskip("transformers")
     pairs = write_pairs(tmp_path / "data", 4)
-    model = os.environ.get("SCL_BENCH_05B") or str(tmp_path / "q05")
-    if not os.path.isdir(model):
-        subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_checkpoint.py"),
-                        f"--config={os.path.join(ROOT, 'bench', 'configs', 'llava-interleave-qwen-0.5b-hf')}",
-                        f"--out={model}"], check=True)
+    model = qwen_05b(tmp_path)
     a = {"model": model, "pairs": pairs, "batch": 16, "new": 32}
     hf = child("generate", {**a, "impl": "hf"})
     ours = child("generate", {**a, "impl": "ours"})
