@@ -2,12 +2,11 @@
 
     y = x Wᵀ + b + (α / r) · dropout(x) Aᵀ Bᵀ        A: (r, in) kaiming-uniform,  B: (out, r) zeros
 
-B = 0: the first DPO step sees policy == reference, and the reference is the same weights with the
-adapters off (`lora_disabled`). The paper: r 8, α 32, dropout 0.05 on the LLM's q/k/v only, never
-on the vision tower, whose layers have the same names (LLaVA's own code adapted it by mistake).
+B = 0: the first DPO step sees policy == reference (the frozen weights, scored before the adapters
+exist). The paper: r 8, α 32, dropout 0.05 on the LLM's q/k/v only, never on the vision tower, whose
+layers have the same names (LLaVA's own code adapted it by mistake).
 """
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -28,12 +27,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as PEFT does
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True  # False inside lora_disabled(): the frozen reference model
 
     def forward(self, x):  # (..., in) -> (..., out)
         y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
         # x·Aᵀ in x's dtype, then its r columns promoted: an fp32 x would keep an fp32 copy of every
         # adapted layer's input for backward. The price: A's gradient comes out of a bf16 product.
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype)).float()  # (..., r) fp32
@@ -77,20 +73,6 @@ def add_lora(model, r: int = 8, alpha: float = 32, dropout: float = 0.05,
 def lora_parameters(model) -> list:
     """The adapter tensors (lora_A, lora_B of every LoRALinear), in module order."""
     return [p for _, m in _lora_modules(model) for p in (m.lora_A, m.lora_B)]
-
-
-@contextmanager
-def lora_disabled(model):
-    """Run the model as its frozen base: the DPO reference. Restores the previous state."""
-    mods = [m for _, m in _lora_modules(model)]
-    before = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m, e in zip(mods, before):
-            m.enabled = e
 
 
 @torch.no_grad()
