@@ -282,10 +282,9 @@ def error_kind(row, text) -> str:
 
 
 def reasoned(row, text) -> bool:
-    """Does `text` carry the reference reasoning of `row`: the scene read out right, then the very steps
-    `response` writes? A right letter alone can be a lucky guess after wrong steps (1 in 4 by chance);
-    only the built-in task can tell the two apart, since its rows keep the scene."""
-    return text.startswith(caption(row["scene"])) and _steps(row["scene"], row) in text
+    """Does `text` carry the whole reference reasoning of `row`, up to the letter? A right letter alone can
+    be a lucky guess after wrong steps (1 in 4 by chance); only the built-in task can tell, from the scene."""
+    return error_kind(row, text) == "reasoned"
 
 
 # ---------------------------------------------------------------------------- splits and files
@@ -377,8 +376,7 @@ def answer_analysis(data: str, responses: str) -> dict:
     records = [(rows[x["id"]], x["turns"][0]) for x in read_jsonl(responses)]
     total, right = {"family": Counter(), "letter": Counter()}, {"family": Counter(), "letter": Counter()}
     for row, t in records:
-        for key in ("family", "letter"):
-            value = row["family"] if key == "family" else row["answer"]
+        for key, value in (("family", row["family"]), ("letter", row["answer"])):
             total[key][value] += 1
             right[key][value] += t["correct"]
     return {"kinds": dict(Counter(error_kind(row, t["text"]) for row, t in records)),
