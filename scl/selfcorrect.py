@@ -19,7 +19,7 @@ from tqdm import tqdm
 from scl.answers import extract_answer
 from scl.files import atomic_write, fingerprint, read_json, read_jsonl, write_json, write_jsonl
 from scl.data import BadRow, load_rows
-from scl.generation import generate
+from scl.generation import Context, generate
 from scl.prompts import PROMPT_NAMES, review_message, turn1_message, turn1_message_official
 from scl.tokenizer import pad_left, render_chat
 from scl.weights import load_model_dir
@@ -138,8 +138,9 @@ def turn1(row, layout: str = "scl") -> str:
 @torch.no_grad()
 def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
                   max_new_tokens=256, generator=None, first=None, layout="scl") -> tuple[list[dict], int]:
-    """K-turn rollouts of rows[i] as sample samples[i] -> (records, generated tokens). Each turn re-renders
-    the whole conversation; `first`: turn-1 texts already generated (greedy evaluation shares one)."""
+    """K-turn rollouts of rows[i] as sample samples[i] -> (records, generated tokens). Each turn renders the
+    whole conversation, and only what the KV cache does not hold yet is computed (the review and what the
+    answer's text re-tokenizes to); `first`: turn-1 texts already generated (greedy evaluation shares one)."""
     turns = 1 if prompt == "sp" else rounds
     review = review_message(prompt) if turns > 1 else None
     param = next(model.parameters())
@@ -147,13 +148,16 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
     pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
     prompts = [turn1(r, layout) for r in rows]
     answers, n_tokens = ([[t] for t in first] if first else [[] for _ in rows]), 0
+    context = Context(model, len(rows))
     for _ in range(turns - len(answers[0])):
-        ids = [render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
-                           add_generation_prompt=True)[0] for p, a in zip(prompts, answers)]
+        ids = context.new_tokens([render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
+                                              add_generation_prompt=True)[0] for p, a in zip(prompts, answers)])
+        see = [tok.image_token_id in s for s in ids]  # rows whose image is not in the cache yet
         input_ids, attention_mask = pad_left(ids, pad)  # (B, T), (B, T)
-        new = generate(model, input_ids.to(param.device), attention_mask.to(param.device), pixel_values,
-                       max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
-                       temperature=temperature, top_p=top_p, generator=generator)  # (B, T_new)
+        new = generate(model, input_ids.to(param.device), attention_mask.to(param.device),
+                       pixel_values[torch.tensor(see)] if any(see) else None, max_new_tokens=max_new_tokens,
+                       eos_token_id=tok.eos_token_id, pad_token_id=pad, temperature=temperature, top_p=top_p,
+                       generator=generator, context=context)  # (B, T_new)
         for a, seq in zip(answers, new.tolist()):
             n = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)  # EOS kept, pads after
             n_tokens += n

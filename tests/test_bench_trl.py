@@ -355,8 +355,88 @@ def test_bench_generation_vs_transformers_qwen_05b(tmp_path):
     print(f"ratio: {hf['seconds'] / ours['seconds']:.2f}x (goal 1.3x)")
 
 
+def run_rollout(a: dict) -> dict:
+    """The self-correction rollout (turn 1, the vp2 review, turn 2) of `batch` rows, greedy, `new` tokens a
+    turn, bf16 weights. Ours: scl.selfcorrect.rollout_batch (turn 2 continues the KV cache). transformers:
+    generate on each turn's whole conversation, image included, as the paper's released code does."""
+    from PIL import Image
+
+    import scl.selfcorrect as sc
+    from scl.data import Row
+    from scl.prompts import review_message
+    from scl.tokenizer import pad_left, render_chat
+    from scl.weights import load_model_dir
+
+    model, tok, proc = load_model_dir(a["model"], dtype=torch.bfloat16)
+    base = os.path.dirname(a["pairs"])
+    rows = []
+    for i in range(a["batch"]):
+        question, options, gold = QUESTIONS[i % len(QUESTIONS)]
+        path = os.path.join(base, "img", f"p{i % a['images']}.png")
+        rows.append(Row(f"r{i}", f"{question} Row {i}.", options, gold, lambda p=path: Image.open(p).convert("RGB"),
+                        image_path=path))
+    outs = []  # each turn's new token ids (B, T_new), compared between the two sides
+    if a["impl"] == "ours":
+        real = sc.generate
+        sc.generate = lambda *args, **kw: outs.append(real(*args, **kw)) or outs[-1]
+
+        def run():
+            records, _ = sc.rollout_batch(model, tok, proc, rows, [0] * len(rows), prompt="vp2", rounds=2,
+                                          max_new_tokens=a["new"])
+            return [[t["text"] for t in r["turns"]] for r in records]
+    else:
+        import transformers
+
+        import hf_fixtures as hx
+
+        del model
+        transformers.utils.logging.set_verbosity_error()
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(a["model"], attn_implementation="sdpa",
+                                                                        dtype=torch.bfloat16).eval()
+        pix = proc([r.image for r in rows]).to(torch.bfloat16)
+
+        def run():
+            answers = [[] for _ in rows]
+            for _ in range(2):
+                ids = [render_chat(tok, sc.conversation(sc.turn1(r), ans, review_message("vp2")),
+                                   hf.config.image_seq_length, add_generation_prompt=True)[0]
+                       for r, ans in zip(rows, answers)]
+                out = hx.hf_generate(hf, *pad_left(ids, tok.pad_token_id), pix, max_new_tokens=a["new"],
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                outs.append(out)
+                for ans, seq in zip(answers, out.tolist()):  # as rollout_batch reads an answer
+                    n = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
+                    ans.append(tok.decode(seq[:n], skip_special_tokens=True).replace(tok.image_token, "").strip())
+            return answers
+    t0 = time.perf_counter()
+    texts = run()
+    seconds = time.perf_counter() - t0
+    ids = [o.tolist() for o in outs]
+    n = sum(seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq) for o in ids for seq in o)
+    return {"seconds": seconds, "texts": texts, "ids": ids, "tokens": n, "peak_mb": peak_rss_mb()}
+
+
+@pytest.mark.bench
+def test_bench_self_correction_rollout_vs_transformers_qwen_05b(tmp_path):
+    pytest.importorskip("transformers")
+    pairs = write_pairs(tmp_path / "data", 4)
+    model = qwen_05b(tmp_path)
+    a = {"model": model, "pairs": pairs, "batch": 16, "new": 32, "images": 4}
+    hf = child("rollout", {**a, "impl": "hf"})
+    ours = child("rollout", {**a, "impl": "ours"})
+    assert ours["ids"] == hf["ids"] and ours["texts"] == hf["texts"], "answers differ: timing would be meaningless"
+    print(f"\n\ngreedy two-turn self-correction rollouts (turn 1, vp2 review, turn 2) on CPU, "
+          f"llava-interleave-qwen-0.5b shape, bf16 weights: batch {a['batch']}, up to {a['new']} new tokens a turn, "
+          f"{ours['tokens']} new tokens in all, one timed call each")
+    print(f"{'implementation':<44}{'s':>8}{'tok/s':>8}{'peak MB':>9}")
+    for name, r in (("transformers generate, each turn from scratch", hf),
+                    ("scl rollout_batch, turn 2 continues the cache", ours)):
+        print(f"{name:<44}{r['seconds']:>8.1f}{ours['tokens'] / r['seconds']:>8.2f}{r['peak_mb']:>9.0f}")
+    print(f"ratio: {hf['seconds'] / ours['seconds']:.2f}x (goal 1.3x)")
+
+
 if __name__ == "__main__":  # a child run: python tests/test_bench_trl.py KIND JSON
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     kind, args = sys.argv[1], json.loads(sys.argv[2])
-    result = {"ours": run_ours, "trl": run_trl, "generate": run_generate}[kind](args)
+    result = {"ours": run_ours, "trl": run_trl, "generate": run_generate, "rollout": run_rollout}[kind](args)
     print("RESULT " + json.dumps(result), flush=True)

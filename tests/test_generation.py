@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 import hf_fixtures as hx
 import scl.generation as generation
-from scl.generation import generate, generate_ref, prefill, sample
+from scl.generation import Context, generate, generate_ref, prefill, sample
 from scl.llm import KVCache
+from scl.tokenizer import pad_left
 from scl.weights import load_vlm
 
 NEW = 16
@@ -124,6 +125,37 @@ def test_prefill_with_a_cache_equals_the_training_path(pair):
         want2, _ = text(x[:, split:], mask, past_key_values=past)
     torch.testing.assert_close(got1, want1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got2, want2, atol=1e-5, rtol=1e-5)
+
+
+def test_a_context_continues_conversations_as_a_fresh_prefill_of_them(pair):
+    """Three turns through one Context == each turn's whole conversation from scratch (generate_ref):
+    rows that stopped early (pads after EOS in the cache), a row whose rendering drops the last answer
+    token, another whose rendering differs inside the prompt (its image is read again), and the cache
+    growing past its first size. Only what the cache lacks is fed."""
+    config, hf, ours = pair
+    ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 1), (2, 0), (0, 4)))
+    kw = dict(max_new_tokens=7, eos_token_id=[2, 7], pad_token_id=config.pad_token_id)
+    image_id = config.image_token_index
+    convs = [r[m.bool()].tolist() for r, m in zip(ids, mask)]  # each row's conversation so far, unpadded
+    context = Context(ours, len(convs))
+    for turn in range(3):
+        if turn:  # the next user message; row 2 re-renders without its answer's last token
+            convs = [c + [11 + turn, 12, 13 + b] for b, c in enumerate(convs)]
+            convs[2] = convs[2][:-4] + convs[2][-3:]
+        if turn == 1:  # row 3's rendering changes right after BOS: all of it but BOS is fed again
+            convs[3] = convs[3][:1] + [14] + convs[3][1:]
+        feed = context.new_tokens(convs)
+        if turn:  # the new message, and the last answer token where it was never fed
+            assert all(3 <= len(f) <= 4 and image_id not in f for f in feed[:3])
+            assert feed[3] == convs[3][1:] if turn == 1 else len(feed[3]) <= 4
+        see = torch.tensor([image_id in f for f in feed])
+        got = generate(ours, *pad_left(feed, config.pad_token_id), pix[see] if see.any() else None,
+                       context=context, **kw)
+        want = generate_ref(ours, *pad_left(convs, config.pad_token_id), pix, **kw)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        answers = [[t for t in row if t != config.pad_token_id] for row in got.tolist()]
+        convs = [c + a[:next((i + 1 for i, t in enumerate(a) if t in (2, 7)), len(a))] for c, a in zip(convs, answers)]
+    assert context.max_len > ids.shape[1] + kw["max_new_tokens"]  # it grew
 
 
 def test_stops_when_every_sequence_is_done(pair):

@@ -78,7 +78,7 @@ def scripted(tok, script, seen=None):
     """A stand-in for generate(): row with question `qX` answers script["qX"][turn - 1], where the turn
     is read from the prompt (how many assistant headers it holds). `seen` collects the prompt ids."""
     def fake(model, input_ids, attention_mask, pixel_values=None, *, max_new_tokens, eos_token_id, pad_token_id,
-             temperature=0.0, top_p=1.0, generator=None):
+             temperature=0.0, top_p=1.0, generator=None, context=None):
         out = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             ids = [i for i, m in zip(ids, mask) if m]
@@ -248,6 +248,24 @@ def test_greedy_rollout_continuing_a_given_turn1_equals_the_whole_rollout(loaded
     given = sc.rollout(model, tok, proc, rows, first=["I think ## B ##"] * len(rows), **kw)
     assert [r["turns"][0] for r in given] == [{"text": "I think ## B ##", "answer": "B", "correct": r.answer == "B"}
                                               for r in rows] and all(len(r["turns"]) == 3 for r in given)
+
+
+def test_rollout_turns_that_continue_the_cache_equal_each_conversation_from_scratch(loaded, rows, monkeypatch):
+    """Turn 2 and 3 feed only what the cache lacks; the same rollouts with every turn's whole conversation
+    recomputed without a cache (generate_ref, the image encoded again) give the same records."""
+    from scl.generation import generate_ref
+    model, tok, proc = loaded
+    kw = dict(prompt="vp1", rounds=3, samples=2, temperature=1.0, top_p=0.9, max_new_tokens=8, batch_size=5)
+    images, real = [], sc.generate
+
+    def counting(model, input_ids, attention_mask, pixel_values, **kw):
+        images.append(None if pixel_values is None else pixel_values.shape[0])
+        return real(model, input_ids, attention_mask, pixel_values, **kw)
+    monkeypatch.setattr(sc, "generate", counting)
+    cached = sc.rollout(model, tok, proc, rows, **kw)
+    assert images == [5, None, None, 3, None, None]  # each image is encoded in turn 1 only
+    monkeypatch.setattr(sc, "generate", lambda *a, context=None, **k: generate_ref(*a, **k))  # context unused
+    assert sc.rollout(model, tok, proc, rows, **kw) == cached
 
 
 def test_config_rejects_bad_values():
