@@ -97,8 +97,7 @@ def _logprobs_bwd_kernel(
 def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """logits (B, T, V) with unit last stride, targets (B*T,) -> logp (B*T,) fp32, lse (B*T,) fp32."""
     B, T, V = logits.shape
-    logp = _empty(B * T, torch.float32, logits.device)
-    lse = _empty(B * T, torch.float32, logits.device)
+    logp, lse = _empty(B * T, torch.float32, logits.device), _empty(B * T, torch.float32, logits.device)
     if B * T > 0:
         block, warps = _settings(V, logits.device)
         _logprobs_fwd_kernel[(B * T,)](
