@@ -45,7 +45,6 @@ BACKGROUND = (245, 245, 245)
 # ---------------------------------------------------------------------------- scenes and images
 # A scene is a list of objects {"cell", "colour", "shape", "size"}, sorted by cell, at most one per cell.
 
-
 def _obj(rng, cell, fix=None, avoid=None):
     """A random object in `cell`; attributes in `fix` are set, values in `avoid` are not drawn."""
     fix, avoid = fix or {}, avoid or {}
@@ -80,7 +79,6 @@ def render(scene, cell_px=16):
 # ---------------------------------------------------------------------------- question families
 # Each builder gets the gold option's index and returns (scene, question, options, params). The
 # option set comes first and the scene is made to fit it, so the text alone tells nothing.
-
 
 def _counts(rng, i):  # 4 consecutive counts, sorted; gold at index i
     low = rng.randint(0, 3)
@@ -176,7 +174,6 @@ def make_question(rng, family, letter):
 
 
 # ---------------------------------------------------------------------------- responses
-
 
 def _steps(scene, q):
     """The reasoning steps that lead from `scene` to the answer of `q` (without the answer sentence)."""
@@ -288,7 +285,6 @@ def reasoned(row, text) -> bool:
 
 
 # ---------------------------------------------------------------------------- splits and files
-
 
 def content_key(scene, question):
     """Hash of what a question is about; no scene + question pair is in two splits."""
