@@ -102,8 +102,7 @@ def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
         block, warps = _settings(V, logits.device)
         _logprobs_fwd_kernel[(B * T,)](
             logits, targets, logp, lse, T, logits.stride(0), logits.stride(1), V, ignore_index,
-            BLOCK_V=block, num_warps=warps,
-        )
+            BLOCK_V=block, num_warps=warps)
     return logp, lse
 
 
@@ -116,8 +115,7 @@ def logprobs_bwd(logits, targets, lse, grad_logp, ignore_index, out=None):
         block, warps = _settings(V, logits.device)
         _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
             logits, targets, lse, grad_logp, grad, T, logits.stride(0), logits.stride(1), V, ignore_index,
-            BLOCK_V=block, num_warps=warps,
-        )
+            BLOCK_V=block, num_warps=warps)
     return grad
 
 

@@ -315,8 +315,7 @@ def _parquet(path, split):
         listed = pa.types.is_list(images.type) or pa.types.is_large_list(images.type)  # SEED-Bench
         struct = images.type.value_type if listed else images.type
         if not pa.types.is_struct(struct) or min(struct.get_field_index(f) for f in ("bytes", "path")) < 0:
-            raise ValueError(f"{file}: the 'image' column is {images.type}, not Hugging Face images "
-                             "{bytes, path}")
+            raise ValueError(f"{file}: the 'image' column is {images.type}, not Hugging Face images {{bytes, path}}")
         base = os.path.dirname(os.path.abspath(file))
         for n, rec in enumerate(table.select([c for c in cols if c != "image"]).to_pylist()):
             k = seen[shard_split] = seen.get(shard_split, -1) + 1

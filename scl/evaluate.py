@@ -279,8 +279,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     models = [cfg.model] + ([cfg.compare] if cfg.compare else [])
     setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "compare", "data", "out_dir",
                                                                                "device")}
-    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows if r.image_path})],
-                      models=models)
+    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows if r.image_path})], models=models)
     done = read_json(os.path.join(cfg.out_dir, "metrics.json"))
     if done and done.get("fingerprint") == key:
         print(f"eval: reusing {cfg.out_dir} (made from the same models, data and settings)")
