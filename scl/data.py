@@ -179,8 +179,7 @@ def _benchmark_row(rid, rec, load_image, image_path=None):
 
 def _jsonl(path, split):
     if split is not None:
-        raise ValueError(f"{path}: a JSONL file holds one split; split= picks one in parquet, TSV or "
-                         "problems.json")
+        raise ValueError(f"{path}: a JSONL file holds one split; split= picks one in parquet, TSV or problems.json")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
