@@ -52,7 +52,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     if _pick(impl, logits) == "triton":
         from kernels.logprobs import token_logprobs_triton
-
         return token_logprobs_triton(logits, targets, ignore_index)
     return token_logprobs_ref(logits, targets, ignore_index)
 

@@ -6,6 +6,7 @@ worst failure a loader can have.
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -178,8 +179,6 @@ def save_processor(path, config: VLMConfig) -> None:
 
 def copy_processor_files(src, dst) -> None:
     """Copy the tokenizer, processor and chat-template files of model folder `src` into `dst`."""
-    import shutil
-
     for name in MODEL_FILES[1:] + ("special_tokens_map.json",):
         if (Path(src) / name).exists():
             atomic_write(Path(dst) / name, lambda tmp, n=name: shutil.copyfile(Path(src) / n, tmp))
