@@ -115,7 +115,8 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
         runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, first=turn1, **kw)
     for p, recs in runs.items():
         write_jsonl(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), recs)
-    first, n = runs["sp"], len(runs["sp"])
+    first = runs["sp"]
+    n = len(first)
     metrics = {"questions": n, "test_accuracy": accuracy(first), "circular_accuracy": circular_accuracy(first),
                "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1),
                "prompts": {p: {"turn1_accuracy": accuracy(runs[p], 0), "turn2_accuracy": accuracy(runs[p], 1),

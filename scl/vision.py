@@ -13,8 +13,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)  # CLIP's sigmoid approximation of GELU
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu,  # gelu: the exact erf form (LLaVA's projector)
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}  # SigLIP's
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,  # exact erf form (LLaVA's projector)
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+}
 
 
 class VisionEmbeddings(nn.Module):
