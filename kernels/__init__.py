@@ -52,7 +52,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     if _pick(impl, logits) == "triton":
         from kernels.logprobs import token_logprobs_triton
-
         return token_logprobs_triton(logits, targets, ignore_index)
     return token_logprobs_ref(logits, targets, ignore_index)
 
@@ -68,11 +67,9 @@ def linear_token_logprobs(hidden, weight, targets, ignore_index: int = -100, imp
     _check_targets(targets, hidden.shape[:1], weight.shape[0], ignore_index)
     impl = _pick(impl, hidden, ("ref", "triton", "chunked"), gpu_default="chunked")  # fastest (bench/gpu.md)
     if impl == "triton":
-        from kernels.linear_logprobs import linear_token_logprobs_triton
-
-        return linear_token_logprobs_triton(hidden, weight, targets, ignore_index)
-    if impl == "chunked":
-        from kernels.chunked_logprobs import linear_token_logprobs_chunked
-
-        return linear_token_logprobs_chunked(hidden, weight, targets, ignore_index)
-    return linear_token_logprobs_ref(hidden, weight, targets, ignore_index)
+        from kernels.linear_logprobs import linear_token_logprobs_triton as run
+    elif impl == "chunked":
+        from kernels.chunked_logprobs import linear_token_logprobs_chunked as run
+    else:
+        run = linear_token_logprobs_ref
+    return run(hidden, weight, targets, ignore_index)

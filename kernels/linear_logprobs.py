@@ -157,8 +157,7 @@ def linear_logprobs_fwd(hidden, weight, targets, ignore_index):
             hidden, weight, targets, m, d, z_y, N, V, H, cfg["V_PER_SPLIT"],
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # Merge the splits: lse = M + log sum_s d_s exp(m_s - M). (splits, N) floats: negligible work.
     m_max = m.amax(dim=0)
     lse = m_max + torch.log(torch.sum(d * torch.exp(m - m_max), dim=0))
@@ -179,8 +178,7 @@ def linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, ignore_index, n
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], GROUP_N=8,
             PRECISION=cfg["PRECISION"], COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
 
 

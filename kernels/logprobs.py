@@ -97,14 +97,12 @@ def _logprobs_bwd_kernel(
 def logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """logits (B, T, V) with unit last stride, targets (B*T,) -> logp (B*T,) fp32, lse (B*T,) fp32."""
     B, T, V = logits.shape
-    logp = _empty(B * T, torch.float32, logits.device)
-    lse = _empty(B * T, torch.float32, logits.device)
+    logp, lse = _empty(B * T, torch.float32, logits.device), _empty(B * T, torch.float32, logits.device)
     if B * T > 0:
         block, warps = _settings(V, logits.device)
         _logprobs_fwd_kernel[(B * T,)](
             logits, targets, logp, lse, T, logits.stride(0), logits.stride(1), V, ignore_index,
-            BLOCK_V=block, num_warps=warps,
-        )
+            BLOCK_V=block, num_warps=warps)
     return logp, lse
 
 
@@ -117,8 +115,7 @@ def logprobs_bwd(logits, targets, lse, grad_logp, ignore_index, out=None):
         block, warps = _settings(V, logits.device)
         _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
             logits, targets, lse, grad_logp, grad, T, logits.stride(0), logits.stride(1), V, ignore_index,
-            BLOCK_V=block, num_warps=warps,
-        )
+            BLOCK_V=block, num_warps=warps)
     return grad
 
 

@@ -3,6 +3,7 @@ train.py saves it with save_vlm, so every later stage loads it exactly like a do
 """
 import math
 import os
+from collections import Counter
 
 import torch
 
@@ -56,8 +57,6 @@ def init_weights(model, std=0.02, position_std=1.0):
 def length_buckets(lengths, buckets):
     """Upper lengths of at most `buckets` blocks that cover `lengths` with the fewest padded tokens: a dynamic
     programme, best[k][j] = fewest tokens when the j shortest distinct lengths go into k blocks."""
-    from collections import Counter
-
     count = Counter(lengths)
     ls = sorted(count)
     upto = [0]  # upto[j] = conversations with one of the j shortest lengths

@@ -50,16 +50,13 @@ def parse_cli(cls, argv: list[str] | None = None, **overrides):
         if arg in ("-h", "--help"):
             print(describe(cls))
             raise SystemExit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            if arg.startswith("--") and arg[2:].replace("-", "_") in fields and hints[arg[2:].replace("-", "_")] is bool:
-                arg = arg + "=true"  # `--resume` alone means `--resume=true`
-            else:
-                raise CLIError(f"flags are --field=value, got {arg!r} (see --help)")
-        key, text = arg[2:].split("=", 1)
+        key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
+        if not arg.startswith("--") or not (eq or (key in fields and hints[key] is bool)):
+            raise CLIError(f"flags are --field=value, got {arg!r} (see --help)")
         if key not in fields:
             raise CLIError(f"unknown flag --{key} (known: {', '.join(sorted(fields))})")
-        values[key] = _convert(key, text, hints[key])
+        values[key] = _convert(key, text if eq else "true", hints[key])  # `--resume` alone means `--resume=true`
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:

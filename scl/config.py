@@ -138,12 +138,10 @@ class VLMConfig:
         if act not in VISION_ACTS:
             raise ConfigError(f"{source}: projector_hidden_act: unsupported {act!r}")
         cfg = cls(vision_config=vision, text_config=text, image_token_index=image_token,
-                  vision_feature_layer=d.get("vision_feature_layer", -2),
-                  vision_feature_select_strategy=strategy, projector_hidden_act=act,
-                  multimodal_projector_bias=d.get("multimodal_projector_bias", True),
+                  vision_feature_layer=d.get("vision_feature_layer", -2), vision_feature_select_strategy=strategy,
+                  projector_hidden_act=act, multimodal_projector_bias=d.get("multimodal_projector_bias", True),
                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False) or text.tie_word_embeddings),
-                  pad_token_id=d.get("pad_token_id"),
-                  dtype=d.get("dtype", d.get("torch_dtype")))
+                  pad_token_id=d.get("pad_token_id"), dtype=d.get("dtype", d.get("torch_dtype")))
         text.tie_word_embeddings = cfg.tie_word_embeddings
         n_states = vision.num_hidden_layers + 1  # embeddings + one per layer
         for layer in cfg.feature_layers:
@@ -163,16 +161,13 @@ class VLMConfig:
         if t["model_type"] == "qwen2":
             del t["attention_bias"], t["mlp_bias"]  # fixed by the architecture, not config fields
         t["tie_word_embeddings"] = self.tie_word_embeddings
-        out = {
-            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "image_token_index": self.image_token_index, "image_seq_length": self.num_image_tokens,
-            "vision_feature_layer": self.vision_feature_layer,
-            "vision_feature_select_strategy": self.vision_feature_select_strategy,
-            "projector_hidden_act": self.projector_hidden_act,
-            "multimodal_projector_bias": self.multimodal_projector_bias,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": t, "vision_config": v,
-        }
+        out = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+               "image_token_index": self.image_token_index, "image_seq_length": self.num_image_tokens,
+               "vision_feature_layer": self.vision_feature_layer,
+               "vision_feature_select_strategy": self.vision_feature_select_strategy,
+               "projector_hidden_act": self.projector_hidden_act,
+               "multimodal_projector_bias": self.multimodal_projector_bias,
+               "tie_word_embeddings": self.tie_word_embeddings, "text_config": t, "vision_config": v}
         optional = {"pad_token_id": self.pad_token_id, "dtype": self.dtype}
         return out | {k: v for k, v in optional.items() if v is not None}
 

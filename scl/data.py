@@ -179,8 +179,7 @@ def _benchmark_row(rid, rec, load_image, image_path=None):
 
 def _jsonl(path, split):
     if split is not None:
-        raise ValueError(f"{path}: a JSONL file holds one split; split= picks one in parquet, TSV or "
-                         "problems.json")
+        raise ValueError(f"{path}: a JSONL file holds one split; split= picks one in parquet, TSV or problems.json")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -315,8 +314,7 @@ def _parquet(path, split):
         listed = pa.types.is_list(images.type) or pa.types.is_large_list(images.type)  # SEED-Bench
         struct = images.type.value_type if listed else images.type
         if not pa.types.is_struct(struct) or min(struct.get_field_index(f) for f in ("bytes", "path")) < 0:
-            raise ValueError(f"{file}: the 'image' column is {images.type}, not Hugging Face images "
-                             "{bytes, path}")
+            raise ValueError(f"{file}: the 'image' column is {images.type}, not Hugging Face images {{bytes, path}}")
         base = os.path.dirname(os.path.abspath(file))
         for n, rec in enumerate(table.select([c for c in cols if c != "image"]).to_pylist()):
             k = seen[shard_split] = seen.get(shard_split, -1) + 1

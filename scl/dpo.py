@@ -24,9 +24,7 @@ class SkipPair(ValueError):
         self.reason = reason
 
 
-# -----------------------------------------------------------------------------
-# Pairs -> token ids -> padded batch
-
+# ------------------------------------------------------------------------- pairs -> token ids -> padded batch
 
 def _split_conversation(tok, user, response, num_image_tokens):
     """(prompt ids, response ids) of the rendered [user, assistant] conversation, cut by the loss mask."""
@@ -72,15 +70,14 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
         for n, line in enumerate(f):
             try:
                 row = json.loads(line)
+                image_path = os.path.join(base, row["image"])
                 try:
-                    image = open_image(os.path.join(base, row["image"]))
+                    image = open_image(image_path)
                 except (OSError, ValueError) as e:
                     raise SkipPair(f"image {row['image']!r} unreadable: {e.__class__.__name__}")
                 enc = encode_pair(tok, row["prompt"], row["chosen"], row["rejected"], num_image_tokens, max_length)
-                enc["pixel_values"] = proc([image])[0]  # (3, S, S)
-                enc["image_path"] = os.path.join(base, row["image"])
-                enc["id"] = str(row.get("id", n)) + f"#{n}"
-                pairs.append(enc)
+                pairs.append({**enc, "pixel_values": proc([image])[0], "image_path": image_path,  # (3, S, S)
+                              "id": str(row.get("id", n)) + f"#{n}"})
             except SkipPair as e:
                 skipped.append({"line": n, "reason": e.reason})
             except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -111,9 +108,7 @@ def make_batch(pairs: list, pad_id: int, device) -> tuple[dict, torch.Tensor]:
     return batch, torch.stack([p["pixel_values"] for p in pairs]).to(device)
 
 
-# -----------------------------------------------------------------------------
-# Sequence log-probs: log π(response | prompt, image) = Σ_t log π(y_t | y_<t, prompt, image)
-
+# ----------------- sequence log-probs: log π(response | prompt, image) = Σ_t log π(y_t | y_<t, prompt, image)
 
 def response_logps(hidden, weight, targets, mask, impl=None):
     """hidden (N, Tr, D), already shifted to predict targets (N, Tr); mask (N, Tr) -> (summed fp32
@@ -156,9 +151,7 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
             "chosen_nll": -logps[:B] / tokens[:B].clamp(min=1), "chosen_tokens": tokens[:B]}
 
 
-# -----------------------------------------------------------------------------
-# The loss (DPO, Rafailov et al. 2023, eq. 7, plus the paper's SFT term) and TRL's metric names
-
+# ------------------ the loss: DPO (Rafailov et al. 2023, eq. 7) plus the paper's SFT term; TRL's metric names
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta: float = 0.1, sft_alpha: float = 0.1, chosen_nll=None):
@@ -190,9 +183,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return loss, metrics
 
 
-# -----------------------------------------------------------------------------
-# What the training loop calls: the reference once, then the loss of each micro-batch
-
+# ----------------------------- what the training loop calls: the reference once, then each micro-batch's loss
 
 @torch.no_grad()
 def reference_logps(model, pairs: list, pad_id: int, batch_size: int, share_prefix: bool = True) -> dict:

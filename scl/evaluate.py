@@ -77,16 +77,12 @@ def mcnemar(b: int, c: int) -> float:
 
 def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0, level: float = 0.95):
     """Percentile bootstrap CI of accuracy(b) - accuracy(a) over the same questions (paired)."""
-    rng = random.Random(seed)
-    m = len(a)
-    diffs = []
+    rng, m, diffs = random.Random(seed), len(a), []
     for _ in range(n):
-        idx = [rng.randrange(m) for _ in range(m)]
+        idx = [rng.randrange(m) for _ in range(m)]  # the questions, resampled with replacement
         diffs.append(sum(b[i] - a[i] for i in idx) / m)
     diffs.sort()
-    lo = diffs[int((1 - level) / 2 * n)]
-    hi = diffs[min(n - 1, int((1 + level) / 2 * n))]
-    return lo, hi
+    return diffs[int((1 - level) / 2 * n)], diffs[min(n - 1, int((1 + level) / 2 * n))]
 
 
 def compare(records_a, records_b, seed=0) -> dict:
@@ -122,11 +118,9 @@ def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, n
     first = runs["sp"]
     n = len(first)
     metrics = {"questions": n, "test_accuracy": accuracy(first), "circular_accuracy": circular_accuracy(first),
-               "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1), "prompts": {}}
-    for p in prompts:
-        recs = runs[p]
-        metrics["prompts"][p] = {"turn1_accuracy": accuracy(recs, 0), "turn2_accuracy": accuracy(recs, 1),
-                                 "transitions": transitions(recs)}
+               "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1),
+               "prompts": {p: {"turn1_accuracy": accuracy(runs[p], 0), "turn2_accuracy": accuracy(runs[p], 1),
+                               "transitions": transitions(runs[p])} for p in prompts}}
     curve_name = cfg.curve_prompt if prompts else "sp"
     curve = runs[curve_name]
     metrics["rounds"] = {"prompt": curve_name,
@@ -146,8 +140,7 @@ def summarize_log(rows: list[dict], keys, path: str) -> dict:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
     for ax, key in zip(axes, keys):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set(title=key, xlabel="step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -165,12 +158,11 @@ def plot_rounds(metrics_by_model: dict, path: str) -> None:
     for name, m in metrics_by_model.items():
         acc = m["rounds"]["accuracy"]
         ax1.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker="o", label=name)
-    ax1.set_xlabel("turn")
-    ax1.set_ylabel("accuracy (%)")
-    ax1.set_title(f"K-round self-correction ({next(iter(metrics_by_model.values()))['rounds']['prompt']})")
+    first = next(iter(metrics_by_model.values()))
+    ax1.set(xlabel="turn", ylabel="accuracy (%)", title=f"K-round self-correction ({first['rounds']['prompt']})")
     ax1.legend()
     names = list(metrics_by_model)
-    prompts = list(next(iter(metrics_by_model.values()))["prompts"])
+    prompts = list(first["prompts"])
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         m = metrics_by_model[name]["prompts"]
@@ -288,8 +280,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     models = [cfg.model] + ([cfg.compare] if cfg.compare else [])
     setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "compare", "data", "out_dir",
                                                                                "device")}
-    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows if r.image_path})],
-                      models=models)
+    key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows if r.image_path})], models=models)
     done = read_json(os.path.join(cfg.out_dir, "metrics.json"))
     if done and done.get("fingerprint") == key:
         print(f"eval: reusing {cfg.out_dir} (made from the same models, data and settings)")

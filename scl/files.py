@@ -113,6 +113,5 @@ def save_checkpoint(path: str, trainable: dict, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict]:
-    trainable = load_file(os.path.join(path, "trainable.safetensors"))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu")
-    return trainable, state
+    return (load_file(os.path.join(path, "trainable.safetensors")),
+            torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu"))

@@ -39,8 +39,7 @@ def lettered(options):
 def turn1_message(question, options, hint=None):
     """The turn-1 user message: [Hint: ...], question, lettered options, CoT and format sentences,
     one per line. This full message is also the prompt of every SelfCorSet pair."""
-    parts = ([f"Hint: {hint}"] if hint else []) + [question, *lettered(options), COT, FORMAT]
-    return "\n".join(parts)
+    return "\n".join(([f"Hint: {hint}"] if hint else []) + [question, *lettered(options), COT, FORMAT])
 
 
 def turn1_message_official(question, options):

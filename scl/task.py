@@ -45,7 +45,6 @@ BACKGROUND = (245, 245, 245)
 # ---------------------------------------------------------------------------- scenes and images
 # A scene is a list of objects {"cell", "colour", "shape", "size"}, sorted by cell, at most one per cell.
 
-
 def _obj(rng, cell, fix=None, avoid=None):
     """A random object in `cell`; attributes in `fix` are set, values in `avoid` are not drawn."""
     fix, avoid = fix or {}, avoid or {}
@@ -64,11 +63,10 @@ def render(scene, cell_px=16):
         margin = 1 if o["size"] == "large" else cell_px // 4  # 14 px vs 8 px wide in a 16-px cell
         x0, y0 = col * cell_px + margin, row * cell_px + margin
         x1, y1 = (col + 1) * cell_px - 1 - margin, (row + 1) * cell_px - 1 - margin  # inclusive
-        box = (x0, y0, x1, y1)
         if o["shape"] == "circle":
-            draw.ellipse(box, fill=RGB[o["colour"]])
+            draw.ellipse((x0, y0, x1, y1), fill=RGB[o["colour"]])
         elif o["shape"] == "square":
-            draw.rectangle(box, fill=RGB[o["colour"]])
+            draw.rectangle((x0, y0, x1, y1), fill=RGB[o["colour"]])
         elif o["shape"] == "triangle":
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=RGB[o["colour"]])
         else:  # diamond
@@ -81,16 +79,14 @@ def render(scene, cell_px=16):
 # Each builder gets the gold option's index and returns (scene, question, options, params). The
 # option set comes first and the scene is made to fit it, so the text alone tells nothing.
 
-
 def _counts(rng, i):  # 4 consecutive counts, sorted; gold at index i
     low = rng.randint(0, 3)
     return [str(low + k) for k in range(4)], low + i
 
 
 def _categories(rng, attr, i):  # all 4 values of `attr` in their fixed order; gold at index i
-    # Fixed order, like the sorted counts: the letter follows from the value, as it does for counts
-    # (a 400-step base matched letter to value 92% of the time on counts, 13-44% with shuffled colours
-    # and shapes). The gold index is uniform, so letters and values stay balanced: no text prior.
+    # Fixed order, like the sorted counts: the letter follows from the value (with shuffled colours and
+    # shapes a small base matched them far less often). The gold index is uniform: no text prior.
     options = list(VALUES[attr])
     return options, options[i]
 
@@ -176,7 +172,6 @@ def make_question(rng, family, letter):
 
 
 # ---------------------------------------------------------------------------- responses
-
 
 def _steps(scene, q):
     """The reasoning steps that lead from `scene` to the answer of `q` (without the answer sentence)."""
@@ -288,7 +283,6 @@ def reasoned(row, text) -> bool:
 
 
 # ---------------------------------------------------------------------------- splits and files
-
 
 def content_key(scene, question):
     """Hash of what a question is about; no scene + question pair is in two splits."""

@@ -60,8 +60,7 @@ class Tokenizer:
         cfg = _read_json(cp) if os.path.isfile(cp) else {}
         _match_transformers_llama(backend, cfg, _read_json(tj))
         chat_format = "chatml" if "<|im_start|>" in _chat_template(path, cfg) else "llava"
-        return cls(backend,
-                   bos_token=_content(cfg.get("bos_token")), eos_token=_content(cfg.get("eos_token")),
+        return cls(backend, bos_token=_content(cfg.get("bos_token")), eos_token=_content(cfg.get("eos_token")),
                    pad_token=_content(cfg.get("pad_token")), unk_token=_content(cfg.get("unk_token")),
                    image_token=_content(cfg.get("image_token")) or IMAGE_TOKEN,
                    chat_format=chat_format, add_bos_token=cfg.get("add_bos_token"))

@@ -6,6 +6,7 @@ worst failure a loader can have.
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -146,9 +147,7 @@ def save_vlm(model: VLM, path) -> None:
     tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(tensors.values())).dtype
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    stale = path / "model.safetensors.index.json"
-    if stale.exists():  # an older sharded save here would shadow the file just written
-        stale.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)  # an older sharded save would shadow the new file
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_json(path / "config.json", config)
@@ -175,15 +174,11 @@ def save_processor(path, config: VLMConfig) -> None:
         "num_additional_image_tokens": int(vision.has_class_token),
         "vision_feature_select_strategy": config.vision_feature_select_strategy})
     write_text(path / "chat_template.jinja", CHAT_TEMPLATES[tok.chat_format])
-    stale = path / "chat_template.json"
-    if stale.exists():  # transformers' processor reads this older file before chat_template.jinja
-        stale.unlink()
+    (path / "chat_template.json").unlink(missing_ok=True)  # transformers reads it before chat_template.jinja
 
 
 def copy_processor_files(src, dst) -> None:
     """Copy the tokenizer, processor and chat-template files of model folder `src` into `dst`."""
-    import shutil
-
     for name in MODEL_FILES[1:] + ("special_tokens_map.json",):
         if (Path(src) / name).exists():
             atomic_write(Path(dst) / name, lambda tmp, n=name: shutil.copyfile(Path(src) / n, tmp))
