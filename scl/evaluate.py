@@ -105,14 +105,11 @@ def compare(records_a, records_b, seed=0) -> dict:
 def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str,
                    prompts: list[str]) -> tuple[dict, dict]:
     """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
-    kw = dict(samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-              layout=cfg.turn1_layout)
-    runs = {"sp": rollout(model, tok, processor, rows, prompt="sp", rounds=1, **kw)}
-    turn1 = [r["turns"][0]["text"] for r in runs["sp"]]  # greedy: every review prompt continues this turn 1
     curve = [cfg.curve_prompt] if prompts else []  # no review prompts: turn 1 only
-    for p in dict.fromkeys(prompts + curve):
-        rounds = max(cfg.rounds, 2) if p == cfg.curve_prompt else 2
-        runs[p] = rollout(model, tok, processor, rows, prompt=p, rounds=rounds, first=turn1, **kw)
+    reviews = {p: max(cfg.rounds, 2) if p == cfg.curve_prompt else 2 for p in prompts + curve}
+    # greedy: every review prompt continues the one turn 1 "sp" generates
+    runs = rollout(model, tok, processor, rows, prompts={"sp": 1, **reviews}, max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size, layout=cfg.turn1_layout)
     for p, recs in runs.items():
         write_jsonl(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), recs)
     first = runs["sp"]

@@ -137,10 +137,10 @@ def turn1(row, layout: str = "scl") -> str:
 
 @torch.no_grad()
 def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, temperature=0.0, top_p=1.0,
-                  max_new_tokens=256, generator=None, first=None, layout="scl") -> tuple[list[dict], int]:
+                  max_new_tokens=256, generator=None, first=None, layout="scl", context=None) -> tuple[list[dict], int]:
     """K-turn rollouts of rows[i] as sample samples[i] -> (records, generated tokens). Each turn renders the
     whole conversation, and only what the KV cache does not hold yet is computed (the review and what the
-    answer's text re-tokenizes to); `first`: turn-1 texts already generated (greedy evaluation shares one)."""
+    answer's text re-tokenizes to); `first`: turn-1 texts already generated; `context`: a cache to continue."""
     turns = 1 if prompt == "sp" else rounds
     review = review_message(prompt) if turns > 1 else None
     param = next(model.parameters())
@@ -148,7 +148,7 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
     pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
     prompts = [turn1(r, layout) for r in rows]
     answers, n_tokens = ([[t] for t in first] if first else [[] for _ in rows]), 0
-    context = Context(model, len(rows))
+    context = Context(model, len(rows)) if context is None else context
     for _ in range(turns - len(answers[0])):
         ids = context.new_tokens([render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
                                               add_generation_prompt=True)[0] for p, a in zip(prompts, answers)])
@@ -188,18 +188,23 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def rollout(model, tok, processor, rows, *, prompt="vp2", rounds=2, samples=1, temperature=0.0, top_p=1.0,
-            seed=0, max_new_tokens=256, batch_size=8, first=None, layout="scl") -> list[dict]:
-    """All rollouts of `rows` in memory, ordered by (row, sample); `first`: one turn-1 text per row."""
-    out = {}
+def rollout(model, tok, processor, rows, *, prompts: dict[str, int], samples=1, temperature=0.0, top_p=1.0,
+            seed=0, max_new_tokens=256, batch_size=8, first=None, layout="scl") -> dict[str, list[dict]]:
+    """All rollouts of `rows` in memory for each review prompt ({prompt: rounds}), ordered by (row, sample).
+    Every prompt continues the same turn 1 in the same KV cache: `first` (one turn-1 text per row), else
+    the turn 1 the first prompt generated (greedy evaluation asks every review prompt about one answer)."""
+    out = {p: {} for p in prompts}
     device = next(model.parameters()).device
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
-        records, _ = rollout_batch(model, tok, processor, [rows[i] for i, _ in batch], [s for _, s in batch],
-                                   prompt=prompt, rounds=rounds, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, generator=batch_generator(seed, b, device),
-                                   first=[first[i] for i, _ in batch] if first else None, layout=layout)
-        out.update({(i, s): r for (i, s), r in zip(batch, records)})
-    return [out[k] for k in sorted(out)]
+        given = [rows[i] for i, _ in batch], [s for _, s in batch]
+        context, turn1 = Context(model, len(batch)), [first[i] for i, _ in batch] if first else None
+        for p, rounds in prompts.items():
+            records, _ = rollout_batch(model, tok, processor, *given, prompt=p, rounds=rounds, temperature=temperature,
+                                       top_p=top_p, max_new_tokens=max_new_tokens, layout=layout, first=turn1,
+                                       generator=batch_generator(seed, b, device), context=context)
+            turn1 = turn1 or [r["turns"][0]["text"] for r in records]
+            out[p].update(zip(batch, records))
+    return {p: [got[k] for k in sorted(got)] for p, got in out.items()}
 
 
 # ---------------------------------------------------------------------------- files and resume

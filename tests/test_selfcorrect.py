@@ -175,7 +175,7 @@ def test_rollout_two_turns_types_pairs_and_the_prompt_the_model_saw(loaded, rows
     model, tok, proc = loaded
     seen = []
     monkeypatch.setattr(sc, "generate", scripted(tok, SCRIPT, seen))
-    records = sc.rollout(model, tok, proc, rows, prompt="vp2", rounds=2, batch_size=3)
+    records = sc.rollout(model, tok, proc, rows, prompts={"vp2": 2}, batch_size=3)["vp2"]
     assert [(r["id"], r["type"]) for r in records] == [("q0", 4), ("q1", 2), ("q2", 3), ("q3", None)]
     assert records[1]["turns"] == [{"text": "## A ##", "answer": "A", "correct": False},
                                    {"text": "On review ## B ##", "answer": "B", "correct": True}]
@@ -204,12 +204,12 @@ def test_rollout_k_rounds_repeat_the_review_and_sp_has_one_turn(loaded, rows, mo
     model, tok, proc = loaded
     seen = []
     monkeypatch.setattr(sc, "generate", scripted(tok, SCRIPT, seen))
-    records = sc.rollout(model, tok, proc, rows, prompt="cp", rounds=3, batch_size=4)
+    records = sc.rollout(model, tok, proc, rows, prompts={"cp": 3}, batch_size=4)["cp"]
     assert [r["types"] for r in records] == [[4, 4], [2, 1], [3, 2], [None, 1]]
     last = tok.decode(seen[-1], skip_special_tokens=False)
     assert last.count(review_message("cp")) == 2 and last.count("ASSISTANT:") == 3
     seen.clear()
-    records = sc.rollout(model, tok, proc, rows, prompt="sp", rounds=2)
+    records = sc.rollout(model, tok, proc, rows, prompts={"sp": 2})["sp"]
     assert all(len(r["turns"]) == 1 and r["type"] is None for r in records) and len(seen) == 4
     assert sc.build_pairs(records) == []
 
@@ -227,35 +227,37 @@ def test_plan_is_fixed_sorted_longest_first_and_keeps_samples_together(loaded, r
 
 def test_real_generation_sampling_is_seeded_per_batch(loaded, rows):
     model, tok, proc = loaded
-    kw = dict(prompt="vp1", rounds=2, samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=4)
-    a = sc.rollout(model, tok, proc, rows, seed=1, **kw)
-    b = sc.rollout(model, tok, proc, rows, seed=1, **kw)
-    c = sc.rollout(model, tok, proc, rows, seed=2, **kw)
+    kw = dict(prompts={"vp1": 2}, samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=4)
+    a, b, c = (sc.rollout(model, tok, proc, rows, seed=seed, **kw)["vp1"] for seed in (1, 1, 2))
     texts = lambda recs: [t["text"] for r in recs for t in r["turns"]]  # noqa: E731
     assert texts(a) == texts(b) and texts(a) != texts(c)
     assert [(r["id"], r["sample"]) for r in a] == [(f"q{i}", s) for i in range(4) for s in range(2)]
     assert all(isinstance(t["correct"], bool) for r in a for t in r["turns"])
 
 
-def test_greedy_rollout_continuing_a_given_turn1_equals_the_whole_rollout(loaded, rows):
-    """eval.py generates turn 1 once and lets every review prompt continue it: same records."""
+def test_review_prompts_continuing_one_greedy_turn1_equal_each_prompt_alone(loaded, rows):
+    """eval.py generates turn 1 once and every review prompt continues it in the same cache: the records
+    of each prompt rolled out alone from that turn 1 (and of vp3's whole rollout, turn 1 included)."""
     model, tok, proc = loaded
-    kw = dict(prompt="vp3", rounds=3, max_new_tokens=6, batch_size=3)
-    whole = sc.rollout(model, tok, proc, rows, **kw)
-    single = sc.rollout(model, tok, proc, rows, prompt="sp", rounds=1, max_new_tokens=6, batch_size=2)
-    continued = sc.rollout(model, tok, proc, rows, first=[r["turns"][0]["text"] for r in single], **kw)
-    assert continued == whole and len(whole[0]["turns"]) == 3
-    given = sc.rollout(model, tok, proc, rows, first=["I think ## B ##"] * len(rows), **kw)
+    shared = sc.rollout(model, tok, proc, rows, prompts={"sp": 1, "cp": 2, "vp3": 3}, max_new_tokens=6, batch_size=3)
+    turn1 = [r["turns"][0]["text"] for r in shared["sp"]]
+    for p, rounds in (("cp", 2), ("vp3", 3)):
+        alone = sc.rollout(model, tok, proc, rows, prompts={p: rounds}, first=turn1, max_new_tokens=6, batch_size=2)
+        assert alone[p] == shared[p] and len(alone[p][0]["turns"]) == rounds
+    assert sc.rollout(model, tok, proc, rows, prompts={"vp3": 3}, max_new_tokens=6)["vp3"] == shared["vp3"]
+    given = sc.rollout(model, tok, proc, rows, prompts={"vp3": 3}, first=["I think ## B ##"] * len(rows),
+                       max_new_tokens=6)["vp3"]
     assert [r["turns"][0] for r in given] == [{"text": "I think ## B ##", "answer": "B", "correct": r.answer == "B"}
                                               for r in rows] and all(len(r["turns"]) == 3 for r in given)
 
 
 def test_rollout_turns_that_continue_the_cache_equal_each_conversation_from_scratch(loaded, rows, monkeypatch):
-    """Turn 2 and 3 feed only what the cache lacks; the same rollouts with every turn's whole conversation
-    recomputed without a cache (generate_ref, the image encoded again) give the same records."""
+    """Turns 2 and 3, and a second review prompt continuing the same turn 1, feed only what the cache lacks;
+    the same rollouts with every turn's whole conversation recomputed without a cache (generate_ref, the
+    image encoded again) give the same records."""
     from scl.generation import generate_ref
     model, tok, proc = loaded
-    kw = dict(prompt="vp1", rounds=3, samples=2, temperature=1.0, top_p=0.9, max_new_tokens=8, batch_size=5)
+    kw = dict(prompts={"vp1": 3, "cp": 2}, samples=2, temperature=1.0, top_p=0.9, max_new_tokens=8, batch_size=5)
     images, real = [], sc.generate
 
     def counting(model, input_ids, attention_mask, pixel_values, **kw):
@@ -263,7 +265,7 @@ def test_rollout_turns_that_continue_the_cache_equal_each_conversation_from_scra
         return real(model, input_ids, attention_mask, pixel_values, **kw)
     monkeypatch.setattr(sc, "generate", counting)
     cached = sc.rollout(model, tok, proc, rows, **kw)
-    assert images == [5, None, None, 3, None, None]  # each image is encoded in turn 1 only
+    assert images == [5, None, None, None, 3, None, None, None]  # each image is encoded in turn 1 only
     monkeypatch.setattr(sc, "generate", lambda *a, context=None, **k: generate_ref(*a, **k))  # context unused
     assert sc.rollout(model, tok, proc, rows, **kw) == cached
 
