@@ -145,19 +145,18 @@ def rollout_batch(model, tok, processor, rows, samples, *, prompt, rounds, tempe
     review = review_message(prompt) if turns > 1 else None
     param = next(model.parameters())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    pixel_values = processor([r.image for r in rows]).to(param.device, param.dtype)  # (B, 3, S, S)
     prompts = [turn1(r, layout) for r in rows]
     answers, n_tokens = ([[t] for t in first] if first else [[] for _ in rows]), 0
     context = Context(model, len(rows)) if context is None else context
     for _ in range(turns - len(answers[0])):
         ids = context.new_tokens([render_chat(tok, conversation(p, a, review), model.config.num_image_tokens,
                                               add_generation_prompt=True)[0] for p, a in zip(prompts, answers)])
-        see = [tok.image_token_id in s for s in ids]  # rows whose image is not in the cache yet
+        see = [b for b, s in enumerate(ids) if tok.image_token_id in s]  # rows whose image the cache lacks
+        pixel_values = processor([rows[b].image for b in see]).to(param.device, param.dtype) if see else None
         input_ids, attention_mask = pad_left(ids, pad)  # (B, T), (B, T)
-        new = generate(model, input_ids.to(param.device), attention_mask.to(param.device),
-                       pixel_values[torch.tensor(see)] if any(see) else None, max_new_tokens=max_new_tokens,
-                       eos_token_id=tok.eos_token_id, pad_token_id=pad, temperature=temperature, top_p=top_p,
-                       generator=generator, context=context)  # (B, T_new)
+        new = generate(model, input_ids.to(param.device), attention_mask.to(param.device), pixel_values,
+                       max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                       temperature=temperature, top_p=top_p, generator=generator, context=context)  # (B, T_new)
         for a, seq in zip(answers, new.tolist()):
             n = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)  # EOS kept, pads after
             n_tokens += n
