@@ -6,6 +6,7 @@ bad pairs are skipped with reasons; a missing or empty pairs file stops with one
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -136,7 +137,10 @@ def test_torchrun_two_ranks_equals_one_process(setup):
     subprocess.run([sys.executable, "train.py", f"--out_dir={one}"] + common, cwd=ROOT, check=True,
                    capture_output=True)
     two = root / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as s:  # a port free now, not a fixed one another job may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            "train.py", f"--out_dir={two}"] + common, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = losses(one), losses(two)
