@@ -80,7 +80,7 @@ class Context(KVCache):
             for j in held[n:]:
                 keep[b][j] = 0
             feed.append(want[n:])
-        self.keep = torch.tensor(keep, dtype=torch.long, device=self.keep.device).view(len(ids), -1)
+        self.keep = torch.tensor(keep, dtype=torch.long, device=self.keep.device)  # (B, L)
         return feed
 
 
