@@ -67,6 +67,13 @@ class Context(KVCache):
                 return torch.cat([t[:, :, :self.length], t.new_empty(*t.shape[:2], n - self.length, t.shape[3])], 2)
             self.k, self.v, self.max_len = [grow(t) for t in self.k], [grow(t) for t in self.v], n
 
+    def state(self):
+        """What the cache holds now; `restore(state)` forgets what is fed after it (its slots are reused)."""
+        return self.length, self.tokens, self.keep  # tokens and keep are replaced, never written in place
+
+    def restore(self, state):
+        self.length, self.tokens, self.keep = state
+
     def new_tokens(self, ids: list[list[int]]) -> list[list[int]]:
         """The ids each row's conversation should now be -> the ids still to feed: what follows the longest
         prefix the cache already holds (at least the last id, whose logits start the next answer). Held

@@ -190,18 +190,22 @@ def batch_generator(seed: int, batch: int, device) -> torch.Generator:
 def rollout(model, tok, processor, rows, *, prompts: dict[str, int], samples=1, temperature=0.0, top_p=1.0,
             seed=0, max_new_tokens=256, batch_size=8, first=None, layout="scl") -> dict[str, list[dict]]:
     """All rollouts of `rows` in memory for each review prompt ({prompt: rounds}), ordered by (row, sample).
-    Every prompt continues the same turn 1 in the same KV cache: `first` (one turn-1 text per row), else
-    the turn 1 the first prompt generated (greedy evaluation asks every review prompt about one answer)."""
+    Every prompt continues the same turn 1 from the KV cache the first prompt left: `first` (one turn-1 text
+    per row), else the turn 1 the first prompt generated (greedy evaluation asks every review prompt about
+    one answer)."""
     out = {p: {} for p in prompts}
     device = next(model.parameters()).device
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
         given = [rows[i] for i, _ in batch], [s for _, s in batch]
         context, turn1 = Context(model, len(batch)), [first[i] for i, _ in batch] if first else None
+        start = None  # the cache after the first prompt: each later prompt starts from it, so it never grows
         for p, rounds in prompts.items():
+            if start:
+                context.restore(start)
             records, _ = rollout_batch(model, tok, processor, *given, prompt=p, rounds=rounds, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, layout=layout, first=turn1,
                                        generator=batch_generator(seed, b, device), context=context)
-            turn1 = turn1 or [r["turns"][0]["text"] for r in records]
+            turn1, start = turn1 or [r["turns"][0]["text"] for r in records], start or context.state()
             out[p].update(zip(batch, records))
     return {p: [got[k] for k in sorted(got)] for p, got in out.items()}
 

@@ -251,6 +251,24 @@ def test_review_prompts_continuing_one_greedy_turn1_equal_each_prompt_alone(load
                                               for r in rows] and all(len(r["turns"]) == 3 for r in given)
 
 
+def test_each_review_prompt_starts_from_turn1s_cache_so_it_does_not_grow(loaded, rows, monkeypatch):
+    model, tok, proc = loaded
+    made = []
+
+    class Recorded(sc.Context):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self)
+    monkeypatch.setattr(sc, "Context", Recorded)
+
+    def size(prompts):
+        made.clear()
+        sc.rollout(model, tok, proc, rows, prompts=prompts, max_new_tokens=6, batch_size=4)
+        return made[0].max_len
+    assert size({"sp": 1, "cp": 2, "vp1": 2, "vp3": 3}) == max(size({"sp": 1, p: k}) for p, k in
+                                                               (("cp", 2), ("vp1", 2), ("vp3", 3)))
+
+
 def test_rollout_turns_that_continue_the_cache_equal_each_conversation_from_scratch(loaded, rows, monkeypatch):
     """Turns 2 and 3, and a second review prompt continuing the same turn 1, feed only what the cache lacks;
     the same rollouts with every turn's whole conversation recomputed without a cache (generate_ref, the
