@@ -198,7 +198,7 @@ def rollout(model, tok, processor, rows, *, prompts: dict[str, int], samples=1, 
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
         given = [rows[i] for i, _ in batch], [s for _, s in batch]
         context, turn1 = Context(model, len(batch)), [first[i] for i, _ in batch] if first else None
-        start = None  # the cache after the first prompt: each later prompt starts from it, so it never grows
+        start = None  # the cache after the first prompt; each later one starts from it: one prompt held at a time
         for p, rounds in prompts.items():
             if start:
                 context.restore(start)
