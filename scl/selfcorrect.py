@@ -198,14 +198,14 @@ def rollout(model, tok, processor, rows, *, prompts: dict[str, int], samples=1, 
     for b, batch in enumerate(plan_batches(tok, rows, samples, batch_size, layout)):
         given = [rows[i] for i, _ in batch], [s for _, s in batch]
         context, turn1 = Context(model, len(batch)), [first[i] for i, _ in batch] if first else None
-        start = None  # the cache after the first prompt; each later one starts from it: one prompt held at a time
-        for p, rounds in prompts.items():
-            if start:
+        for k, (p, rounds) in enumerate(prompts.items()):
+            if k:  # each later prompt starts from the cache the first left: one prompt's turns held at a time
                 context.restore(start)
             records, _ = rollout_batch(model, tok, processor, *given, prompt=p, rounds=rounds, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, layout=layout, first=turn1,
                                        generator=batch_generator(seed, b, device), context=context)
-            turn1, start = turn1 or [r["turns"][0]["text"] for r in records], start or context.state()
+            if k == 0:
+                turn1, start = turn1 or [r["turns"][0]["text"] for r in records], context.state()
             out[p].update(zip(batch, records))
     return {p: [got[k] for k in sorted(got)] for p, got in out.items()}
 
