@@ -206,42 +206,6 @@ def _steps(scene, q):
             f"at the {CELLS[o['cell']]}, is a {o['colour']} {o['shape']}.")
 
 
-def _imagine(scene, q, value):
-    """The scene as a model that answers `value` would have to see it: the fewest changes that make
-    `value` the answer. Wrong responses are written from it, so their steps agree with their answer."""
-    scene, p, family = [dict(o) for o in scene], q["params"], q["family"]
-    if family.startswith("count") or family == "arithmetic":
-        if family == "arithmetic":
-            match, like = (lambda o: o["colour"] != p["colour"]), {"colour": next(c for c in COLOURS if c != p["colour"])}
-        else:
-            match, like = (lambda o: o[p["attr"]] == p["value"]), {p["attr"]: p["value"]}
-        hits = [o for o in scene if match(o)]
-        for o in hits[int(value):]:
-            scene.remove(o)  # too many: forget the last ones
-        free = [c for c in range(9) if c not in {o["cell"] for o in scene}]
-        for _ in range(int(value) - len(hits)):  # too few: imagine more, in empty cells first
-            if free:
-                o = {"cell": free.pop(0), "colour": "red", "shape": "circle", "size": "small"}
-                scene.append(o)
-            else:
-                o = next(o for o in scene if not match(o))
-            o.update(like)
-    elif family == "most_common":  # swap the two values everywhere
-        gold = q["options"][LETTERS.index(q["answer"])]
-        for o in scene:
-            o[p["attr"]] = {gold: value, value: gold}.get(o[p["attr"]], o[p["attr"]])
-    else:  # one object's colour or shape
-        if family == "largest":
-            cell = next(o["cell"] for o in scene if o["size"] == "large")
-        elif family == "relation":
-            dr, dc = DIRECTIONS[p["direction"]]
-            cell = p["anchor"] + 3 * dr + dc
-        else:
-            cell = p["cell"]
-        next(o for o in scene if o["cell"] == cell)[p["attr"]] = value
-    return sorted(scene, key=lambda o: o["cell"])
-
-
 def caption(scene) -> str:
     """Every cell of the grid in reading order: "top-left: small red circle. top-middle: empty. ..."."""
     at = {o["cell"]: o for o in scene}
@@ -249,16 +213,11 @@ def caption(scene) -> str:
                      for c, name in enumerate(CELLS)) + "."
 
 
-def response(scene, q, letter=None, describe=False):
-    """A step-by-step answer to `q` that picks `letter` (default: the gold one) and ends `## X ##`.
-
-    A non-gold letter gets the steps of the scene it would take to make that option right. With
-    `describe` the answer first reads the whole scene out (`caption`): perception, then reasoning."""
-    letter = letter or q["answer"]
-    value = q["options"][LETTERS.index(letter)]
-    seen = scene if letter == q["answer"] else _imagine(scene, q, value)
-    text = f"{_steps(seen, q)} So the answer is {value}, option {letter}. ## {letter} ##"
-    return f"{caption(seen)} {text}" if describe else text
+def response(scene, q) -> str:
+    """The reference answer to `q`: the whole scene read out (`caption`), the steps, then the value and
+    its option, ending `## X ##`: perception first, then reasoning."""
+    value = q["options"][LETTERS.index(q["answer"])]
+    return f"{caption(scene)} {_steps(scene, q)} So the answer is {value}, option {q['answer']}. ## {q['answer']} ##"
 
 
 def error_kind(row, text) -> str:
@@ -273,7 +232,7 @@ def error_kind(row, text) -> str:
         return "misread"
     if head[len(caption(scene)):].strip() != _steps(scene, row):
         return "slip"
-    return "reasoned" if text == response(scene, row, describe=True) else "letter"
+    return "reasoned" if text == response(scene, row) else "letter"
 
 
 def reasoned(row, text) -> bool:
@@ -315,7 +274,7 @@ def conversation(row, rng, review_fraction=0.1):
     format. Messages are {"role", "content"}; the image goes with message 0. The second answer is the
     same correct response a single-turn answer is trained to be: nothing here teaches turn 2 to beat
     turn 1 or to lose to it; what the review turn does to the trained model is measured."""
-    answer = response(row["scene"], row, describe=True)
+    answer = response(row["scene"], row)
     messages = [{"role": "user", "content": turn1_message(row["question"], row["options"])},
                 {"role": "assistant", "content": answer}]
     if rng.random() < review_fraction:
