@@ -41,14 +41,10 @@ def _letter(m, n_options, rest_needs_separator):
     return letter.upper()
 
 
-def _from_phrases(text, n_options):
-    text = text.replace("*", "")  # markdown bold: "**Answer:** B", "the answer is **B**"
-    found = None
-    for p in _PHRASE.finditer(text):
-        m = _AFTER_PHRASE.match(text, p.end())
-        letter = _letter(m, n_options, rest_needs_separator=False) if m else None
-        found = letter or found
-    return found
+def _last_letter(matches, n_options, rest_needs_separator):
+    """The letter of the last match that gives one (a response may reconsider), or None."""
+    letters = [_letter(m, n_options, rest_needs_separator) for m in matches if m]
+    return next((letter for letter in reversed(letters) if letter), None)
 
 
 def extract_answer(text, n_options=4):
@@ -57,14 +53,11 @@ def extract_answer(text, n_options=4):
     if not isinstance(text, str) or not text:
         return None
     try:
-        n_options = max(0, min(26, int(n_options)))
+        n_options = max(0, min(26, int(n_options)))  # 0 options: no letter is in range
     except (TypeError, ValueError, OverflowError):
         return None
-    if n_options == 0:
-        return None
-    found = None
-    for m in _MARKER.finditer(text):
-        inner = _IN_MARKER.fullmatch(m.group(1))
-        letter = _letter(inner, n_options, rest_needs_separator=True) if inner else None
-        found = letter or found
-    return found or _from_phrases(text, n_options)
+    markers = (_IN_MARKER.fullmatch(m.group(1)) for m in _MARKER.finditer(text))
+    plain = text.replace("*", "")  # markdown bold: "**Answer:** B", "the answer is **B**"
+    phrases = (_AFTER_PHRASE.match(plain, p.end()) for p in _PHRASE.finditer(plain))
+    return (_last_letter(markers, n_options, rest_needs_separator=True)
+            or _last_letter(phrases, n_options, rest_needs_separator=False))

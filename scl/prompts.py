@@ -51,8 +51,6 @@ def turn1_message_official(question, options):
 
 def review_message(name):
     """The turn-2 user message for a review prompt: the prompt, then the CoT and format sentences."""
-    if name == "sp":
-        raise ValueError('"sp" (standard prompt) has no review turn; stop after turn 1')
     if name not in REVIEW_PROMPTS:
-        raise ValueError(f"unknown review prompt {name!r}; choose one of {', '.join(PROMPT_NAMES)}")
+        raise ValueError(f"{name!r} is not a review prompt (sp has no review turn); one of {', '.join(REVIEW_PROMPTS)}")
     return f"{REVIEW_PROMPTS[name]} {COT} {FORMAT}"
