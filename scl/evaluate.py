@@ -14,7 +14,7 @@ import torch
 
 from scl.files import fingerprint, read_json, write_json, write_jsonl, write_text
 from scl.data import circular_groups, load_rows
-from scl.selfcorrect import resolve_device, round_types, rollout
+from scl.selfcorrect import resolve_device, round_types, rollout, type_counts
 from scl.weights import load_model_dir
 
 
@@ -58,36 +58,27 @@ def circular_accuracy(records, turn=0) -> float | None:
 
 def transitions(records, first=0, second=1) -> dict:
     """4-type table between two turns: counts of types 1–4 and unparsed."""
-    table = {"1": 0, "2": 0, "3": 0, "4": 0, "unparsed": 0}
-    for r in records:
-        t = round_types([r["turns"][first], r["turns"][second]])[0]
-        table["unparsed" if t is None else str(t)] += 1
-    return table
+    return type_counts(round_types([r["turns"][first], r["turns"][second]])[0] for r in records)
 
 
 def mcnemar(b: int, c: int) -> float:
     """Exact two-sided McNemar p: under H0 the discordant pairs (b: only A right, c: only B right) split
     Binomial(b + c, 1/2)."""
     n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
     return min(1.0, 2 * tail)
 
 
 def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0, level: float = 0.95):
     """Percentile bootstrap CI of accuracy(b) - accuracy(a) over the same questions (paired)."""
-    rng, m, diffs = random.Random(seed), len(a), []
-    for _ in range(n):
-        idx = [rng.randrange(m) for _ in range(m)]  # the questions, resampled with replacement
-        diffs.append(sum(b[i] - a[i] for i in idx) / m)
-    diffs.sort()
+    rng, m = random.Random(seed), len(a)
+    resamples = ([rng.randrange(m) for _ in range(m)] for _ in range(n))  # the questions, with replacement
+    diffs = sorted(sum(b[i] - a[i] for i in idx) / m for idx in resamples)
     return diffs[int((1 - level) / 2 * n)], diffs[min(n - 1, int((1 + level) / 2 * n))]
 
 
 def compare(records_a, records_b, seed=0) -> dict:
-    """Base (a) vs tuned (b) on the same questions, turn 1: accuracies, discordant counts, McNemar p,
-    bootstrap 95% CI of the difference."""
+    """Base (a) vs tuned (b), turn 1 on the same questions: accuracies, discordant counts, McNemar p, 95% CI."""
     by_id = {r["id"]: r for r in records_b}
     common = [r for r in records_a if r["id"] in by_id]
     a = [r["turns"][0]["correct"] for r in common]
@@ -102,26 +93,20 @@ def compare(records_a, records_b, seed=0) -> dict:
 
 # ---------------------------------------------------------------------------- one model
 
-def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, out_dir: str, name: str,
-                   prompts: list[str]) -> tuple[dict, dict]:
+def evaluate_model(model, tok, processor, rows, cfg: EvalConfig, name: str, prompts: list[str]) -> tuple[dict, dict]:
     """Rollouts of every review prompt on `rows` (greedy); returns (metrics, records per prompt)."""
-    curve = [cfg.curve_prompt] if prompts else []  # no review prompts: turn 1 only
-    reviews = {p: max(cfg.rounds, 2) if p == cfg.curve_prompt else 2 for p in prompts + curve}
-    # greedy: every review prompt continues the one turn 1 "sp" generates
+    curve = cfg.curve_prompt if prompts else "sp"  # no review prompts: the curve is turn 1 alone
+    reviews = {p: 2 for p in prompts} | ({curve: max(cfg.rounds, 2)} if prompts else {})
     runs = rollout(model, tok, processor, rows, prompts={"sp": 1, **reviews}, max_new_tokens=cfg.max_new_tokens,
                    batch_size=cfg.batch_size, layout=cfg.turn1_layout)
     for p, recs in runs.items():
-        write_jsonl(os.path.join(out_dir, f"responses_{name}_{p}.jsonl"), recs)
-    first = runs["sp"]
-    n = len(first)
-    metrics = {"questions": n, "test_accuracy": accuracy(first), "circular_accuracy": circular_accuracy(first),
-               "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / max(n, 1),
+        write_jsonl(os.path.join(cfg.out_dir, f"responses_{name}_{p}.jsonl"), recs)
+    first, n_turns = runs["sp"], len(runs[curve][0]["turns"])  # run_eval stops before an empty data set
+    metrics = {"questions": len(first), "test_accuracy": accuracy(first), "circular_accuracy": circular_accuracy(first),
+               "unparsed_rate": sum(r["turns"][0]["answer"] is None for r in first) / len(first),
                "prompts": {p: {"turn1_accuracy": accuracy(runs[p], 0), "turn2_accuracy": accuracy(runs[p], 1),
-                               "transitions": transitions(runs[p])} for p in prompts}}
-    curve_name = cfg.curve_prompt if prompts else "sp"
-    curve = runs[curve_name]
-    metrics["rounds"] = {"prompt": curve_name,
-                         "accuracy": [accuracy(curve, k) for k in range(len(curve[0]["turns"]) if curve else 0)]}
+                               "transitions": transitions(runs[p])} for p in prompts},
+               "rounds": {"prompt": curve, "accuracy": [accuracy(runs[curve], k) for k in range(n_turns)]}}
     return metrics, runs
 
 
@@ -158,18 +143,16 @@ def plot_rounds(metrics_by_model: dict, path: str) -> None:
     first = next(iter(metrics_by_model.values()))
     ax1.set(xlabel="turn", ylabel="accuracy (%)", title=f"K-round self-correction ({first['rounds']['prompt']})")
     ax1.legend()
-    names = list(metrics_by_model)
     prompts = list(first["prompts"])
-    width = 0.8 / max(len(names), 1)
-    for j, name in enumerate(names):
-        m = metrics_by_model[name]["prompts"]
-        if not m:  # a compared model evaluated on turn 1 only
+    width = 0.8 / len(metrics_by_model)
+    for j, (name, m) in enumerate(metrics_by_model.items()):
+        if not m["prompts"]:  # a compared model evaluated on turn 1 only
             continue
         xs = [i + j * width for i in range(len(prompts))]
-        ax2.bar(xs, [m[p]["transitions"]["2"] for p in prompts], width, label=f"{name}: wrong→right")
-        ax2.bar(xs, [-m[p]["transitions"]["3"] for p in prompts], width, label=f"{name}: right→wrong")
+        ax2.bar(xs, [m["prompts"][p]["transitions"]["2"] for p in prompts], width, label=f"{name}: wrong→right")
+        ax2.bar(xs, [-m["prompts"][p]["transitions"]["3"] for p in prompts], width, label=f"{name}: right→wrong")
     ax2.axhline(0, color="black", lw=0.5)
-    ax2.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(prompts))], prompts)
+    ax2.set_xticks([i + width * (len(metrics_by_model) - 1) / 2 for i in range(len(prompts))], prompts)
     ax2.set_title("review turn: wrong→right (up) vs right→wrong (down)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -209,8 +192,7 @@ def report_markdown(metrics_by_model: dict, comparison: dict | None) -> str:
     K = max(len(m["rounds"]["accuracy"]) for m in metrics_by_model.values())
     lines += ["", "## K-round curve", "", "| model | " + " | ".join(f"turn {k + 1}" for k in range(K)) + " |",
               "|---|" + "---|" * K]
-    for name, m in metrics_by_model.items():
-        lines.append(_row(name, *map(_pct, m["rounds"]["accuracy"])))
+    lines += [_row(name, *map(_pct, m["rounds"]["accuracy"])) for name, m in metrics_by_model.items()]
     lines += ["", "![rounds and transitions](eval.png)", ""]
     return "\n".join(lines)
 
@@ -232,11 +214,10 @@ def experiment_report(result: dict) -> str:
     lines += ["", f"SelfCorSet: {sc['rollouts']} rollouts on construct, turn 1 {_pct(acc['turn1'])} → turn 2 "
                   f"{_pct(acc.get('turn2', 0))}, types 1/2/3/4 = {'/'.join(str(sc['types'][k]) for k in '1234')}"
                   f" ({sc['types']['unparsed']} unparsed), {sc['pairs']} pairs."]
-    if "reasoned" in sc:
-        r = sc["reasoned"]
-        lines += ["", f"Right answers that carry the task's reference reasoning: {r['right_reasoned']} of {r['right']} "
-                      f"in the rollouts; chosen responses {r['chosen_reasoned']} of {sc['pairs']}, rejected "
-                      f"{r['rejected_reasoned']}."]
+    r = sc["reasoned"]  # train.py counts it for every run
+    lines += ["", f"Right answers that carry the task's reference reasoning: {r['right_reasoned']} of {r['right']} "
+                  f"in the rollouts; chosen responses {r['chosen_reasoned']} of {sc['pairs']}, rejected "
+                  f"{r['rejected_reasoned']}."]
     an = result.get("analysis", {})
     if "scl" in an:
         b, t = an["base"], an["scl"]
@@ -293,7 +274,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         except (OSError, ValueError) as e:  # missing folder, CheckpointError, ConfigError: one line, no traceback
             sys.exit(f"error: {e}")
         prompts = cfg.prompts if label == labels[0] or cfg.compare_prompts else []
-        metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, cfg.out_dir, label, prompts)
+        metrics[label], runs[label] = evaluate_model(model, tok, proc, rows, cfg, label, prompts)
         print(f"eval: {label} single-turn accuracy {100 * metrics[label]['test_accuracy']:.1f}% "
               f"on {len(rows)} questions", flush=True)
     comparison = compare(runs[labels[0]]["sp"], runs[labels[1]]["sp"], seed=cfg.seed) if cfg.compare else None

@@ -79,6 +79,12 @@ def round_types(turns: list[dict]) -> list[int | None]:
             for a, b in zip(turns, turns[1:])]
 
 
+def type_counts(types) -> dict:
+    """{"1".."4": how many of each Type, "unparsed": how many None}."""
+    counts = Counter(types)
+    return {**{str(t): counts[t] for t in (1, 2, 3, 4)}, "unparsed": counts[None]}
+
+
 def build_pairs(records: list[dict]) -> list[dict]:
     """SelfCorSet: Type 2 → (chosen turn 2, rejected turn 1); Type 3 → (chosen turn 1, rejected turn 2).
     The type is recomputed from the answers, so a stored `type` cannot disagree with its pair."""
@@ -100,10 +106,8 @@ def summarize(records: list[dict], skipped: list[dict]) -> dict:
     turns = [[r["turns"][k] for r in records if len(r["turns"]) > k] for k in range(rounds)]
     correct = [sum(t["correct"] for t in ts) for ts in turns]
     unparsed = [sum(t["answer"] is None for t in ts) for ts in turns]
-    by_round = []
-    for k in range(rounds - 1):
-        counts = Counter(round_types(r["turns"])[k] for r in records if len(r["turns"]) > k + 1)
-        by_round.append({**{str(t): counts[t] for t in (1, 2, 3, 4)}, "unparsed": counts[None]})
+    types = [round_types(r["turns"]) for r in records]
+    by_round = [type_counts(t[k] for t in types if len(t) > k) for k in range(rounds - 1)]
     pairs = build_pairs(records)
     return {
         "rollouts": n, "questions": len({r["id"] for r in records}),
@@ -251,8 +255,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
     """Roll out every usable row of cfg.data into cfg.out_dir, flushed batch by batch -> the summary. A re-run
     with the same inputs (fingerprint) skips what is done; other inputs start over: one file, one run."""
     start, cfg = time.time(), dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    if not os.path.exists(cfg.data):  # a file, or a folder of parquet shards
-        raise FileNotFoundError(f"data file not found: {cfg.data}")
+    rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit, split=cfg.split)  # bad rows: skipped
     if model is None:
         model, tok, processor = load_model_dir(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     if tok.image_token_id != model.config.image_token_index:
@@ -260,7 +263,6 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None, processor=None) -> d
                          f"image_token_index {model.config.image_token_index} in config.json")
     os.makedirs(cfg.out_dir, exist_ok=True)
     out = {name: os.path.join(cfg.out_dir, name + ".jsonl") for name in ("responses", "selfcorset", "skipped")}
-    rows, skipped = load_rows(cfg.data, format=cfg.format, limit=cfg.limit, split=cfg.split)  # bad rows: skipped
     rows, unusable = _usable(rows, tok, model, cfg)
     setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "data", "out_dir", "device")}
     key = fingerprint(setting, files=[cfg.data, *sorted({r.image_path for r in rows})], models=[cfg.model])
