@@ -26,27 +26,20 @@ def _read_json(path):
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the roles (bos/eos/pad/unk/image) and the chat format."""
+    """A `tokenizers.Tokenizer` plus the roles (bos/eos/pad/image) and the chat format."""
 
-    def __init__(self, backend, bos_token=None, eos_token=None, pad_token=None, unk_token=None,
-                 image_token=IMAGE_TOKEN, chat_format="llava", add_bos_token=None):
-        if chat_format not in ("llava", "chatml"):
-            raise ValueError(f"chat_format must be 'llava' or 'chatml', got {chat_format!r}")
-        self.backend = backend
-        self.chat_format = chat_format
+    def __init__(self, backend, bos_token=None, eos_token=None, pad_token=None, image_token=IMAGE_TOKEN,
+                 chat_format="llava", add_bos_token=None):
+        self.backend, self.chat_format = backend, chat_format  # "llava" | "chatml"
         # ChatML turns end with <|im_end|>; generation must stop there whatever a base model's eos was.
         if chat_format == "chatml" and backend.token_to_id("<|im_end|>") is not None:
             eos_token = "<|im_end|>"
-        self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        self.bos_token, self.eos_token, self.image_token = bos_token, eos_token, image_token
         self.pad_token = pad_token if pad_token is not None else eos_token  # left padding is masked anyway
-        self.image_token = image_token
-        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id, self.image_token_id = (
-            None if t is None else backend.token_to_id(t)
-            for t in (bos_token, eos_token, self.pad_token, unk_token, image_token))
-        if add_bos_token is None:
-            # Unspecified: do what tokenizer.json's post-processor does (Llama: yes, Qwen: no).
-            add_bos_token = self.bos_token_id is not None and (
-                backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_token_id])
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.image_token_id = (
+            None if t is None else backend.token_to_id(t) for t in (bos_token, eos_token, self.pad_token, image_token))
+        if add_bos_token is None:  # unspecified: do what tokenizer.json's post-processor does (Llama: yes, Qwen: no)
+            add_bos_token = backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_token_id]
         self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
 
     @classmethod
@@ -60,9 +53,8 @@ class Tokenizer:
         cfg = _read_json(cp) if os.path.isfile(cp) else {}
         _match_transformers_llama(backend, cfg, _read_json(tj))
         chat_format = "chatml" if "<|im_start|>" in _chat_template(path, cfg) else "llava"
-        return cls(backend, bos_token=_content(cfg.get("bos_token")), eos_token=_content(cfg.get("eos_token")),
-                   pad_token=_content(cfg.get("pad_token")), unk_token=_content(cfg.get("unk_token")),
-                   image_token=_content(cfg.get("image_token")) or IMAGE_TOKEN,
+        roles = {name: _content(cfg.get(name)) for name in ("bos_token", "eos_token", "pad_token")}
+        return cls(backend, **roles, image_token=_content(cfg.get("image_token")) or IMAGE_TOKEN,
                    chat_format=chat_format, add_bos_token=cfg.get("add_bos_token"))
 
     @property
@@ -80,11 +72,10 @@ class Tokenizer:
 def _chat_template(path, cfg):
     """All template text this folder holds, as one string: we only look for ChatML markers, never run it."""
     parts = [cfg.get("chat_template")]
-    if os.path.isfile(os.path.join(path, "chat_template.json")):
-        parts.append(_read_json(os.path.join(path, "chat_template.json")).get("chat_template"))
-    if os.path.isfile(os.path.join(path, "chat_template.jinja")):
-        with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
-            parts.append(f.read())
+    for name in ("chat_template.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                parts.append(json.load(f).get("chat_template") if name.endswith(".json") else f.read())
     # A template may also be a list of named templates; json.dumps covers every shape.
     return "".join(p if isinstance(p, str) else json.dumps(p) for p in parts if p)
 
@@ -93,12 +84,10 @@ def _match_transformers_llama(backend, cfg, tj):
     """Footgun: old Llama SentencePiece `tokenizer.json` files prepend "▁" to every text chunk, while
     transformers' LlamaTokenizer rebuilds the pre-tokenizer from `legacy` ("▁" only at the very start).
     We do the same, so our ids are the checkpoint's; ByteLevel files (Llama 3) are left alone."""
-    if (cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
+    llama = (cfg.get("tokenizer_class") or "").removesuffix("Fast") == "LlamaTokenizer"
+    if not llama or "ByteLevel" in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")]):
         return
-    if "ByteLevel" in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")]):
-        return
-    prefix = cfg.get("add_prefix_space")
-    prefix = True if prefix is None else prefix
+    prefix = cfg.get("add_prefix_space") in (None, True)  # unset means True
     scheme = ("first" if not cfg.get("legacy", False) else "always") if prefix else "never"
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
@@ -132,16 +121,7 @@ CHAT_TEMPLATES = {
 
 def _render_text(tok, messages, with_image, add_generation_prompt):
     """The conversation as one string, plus the character span of each assistant answer and its EOS."""
-    if not messages or messages[0].get("role") != "user":
-        raise ValueError("a conversation starts with a user message")
-    for i, m in enumerate(messages):
-        if m.get("role") != ("user" if i % 2 == 0 else "assistant"):
-            raise ValueError(f"message {i}: roles must alternate user/assistant, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: content must be a str")
-        if tok.image_token in m["content"]:
-            raise ValueError(f"message {i}: {tok.image_token} in the text; the image is added by render_chat")
-    if add_generation_prompt and messages[-1]["role"] != "user":
+    if add_generation_prompt and messages[-1].get("role") != "user":
         raise ValueError("add_generation_prompt needs the conversation to end with a user message")
     image = tok.image_token + "\n" if with_image else ""
     llava = tok.chat_format == "llava"
@@ -149,6 +129,10 @@ def _render_text(tok, messages, with_image, add_generation_prompt):
         "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n")
     text, spans = "", []
     for i, m in enumerate(messages):
+        if m.get("role") != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"message {i}: roles must alternate user/assistant from user, got {m.get('role')!r}")
+        if tok.image_token in m["content"]:
+            raise ValueError(f"message {i}: {tok.image_token} in the text; the image is added by render_chat")
         if m["role"] == "user":
             text += user + (image if i == 0 else "") + m["content"] + user_end + header
         else:
@@ -172,19 +156,15 @@ def render_chat(tok, messages, num_image_tokens, add_generation_prompt=False, tr
         raise ValueError(f"tokenizer has no {tok.image_token} token; cannot place the image")
     text, spans = _render_text(tok, messages, num_image_tokens > 0, add_generation_prompt)
     train = range(len(spans)) if train_turns is None else list(train_turns)
-    for t in train:
-        if not 0 <= t < len(spans):
-            raise ValueError(f"train_turns: {t} is not an assistant turn (there are {len(spans)})")
+    if not all(0 <= t < len(spans) for t in train):
+        raise ValueError(f"train_turns: {list(train)} are not all assistant turns (there are {len(spans)})")
     trained = [spans[t] for t in train]
     enc = tok.backend.encode(text, add_special_tokens=False)
     ids, mask = ([tok.bos_token_id], [0]) if tok.add_bos_token else ([], [])
     for i, (start, _end) in zip(enc.ids, enc.offsets):
-        if i == tok.image_token_id:
-            ids += [i] * num_image_tokens  # (P,) one id per image feature
-            mask += [0] * num_image_tokens
-        else:
-            ids.append(i)
-            mask.append(int(any(a <= start < b for a, b in trained)))
+        n = num_image_tokens if i == tok.image_token_id else 1  # the image: (P,) one id per image feature
+        ids += [i] * n
+        mask += [int(any(a <= start < b for a, b in trained))] * n  # never the image: it is in a user turn
     return ids, mask
 
 
@@ -194,7 +174,6 @@ def pad_left(seqs, pad_id):
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
     for b, s in enumerate(seqs):
-        if s:
-            input_ids[b, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            attention_mask[b, width - len(s):] = 1
+        input_ids[b, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+        attention_mask[b, width - len(s):] = 1
     return input_ids, attention_mask

@@ -2,10 +2,10 @@
 checkpoint's tokenizer.json + tokenizer_config.json (with scl/tokenizer.py's LLaVA chat template), so
 scl/tokenizer.py and transformers both read it. As in llava-hf's llava-1.5, the tokenizer adds "<s>".
 """
-import json
 import os
 import re
 
+from scl.files import write_json
 from scl.prompts import REVIEW_PROMPTS, review_message, turn1_message
 from scl.tokenizer import CHAT_TEMPLATES
 
@@ -19,7 +19,7 @@ def protocol_sentences():
     return list(dict.fromkeys(x for x in lines if x.strip()))
 
 
-def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_length=1024):
+def train_tokenizer(texts, out_dir, whole_tokens=()):
     """Train a BPE on `texts` and write it to out_dir. Ids: <unk> 0, <s> 1, </s> 2, the learned pieces,
     <image>, <pad>, then each of `whole_tokens` as one token. Any printable ASCII text round-trips."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -30,7 +30,7 @@ def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     alphabet = [chr(c) for c in range(33, 127)] + ["▁", "\n"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=alphabet, show_progress=False)
     pieces = []
     for text in texts:  # the whole tokens are matched before BPE: spend no merges on them
@@ -45,10 +45,8 @@ def train_tokenizer(texts, out_dir, whole_tokens=(), vocab_size=1000, model_max_
                                                        special_tokens=[("<s>", 1)])
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left", "add_bos_token": True,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATES["llava"]}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "padding_side": "left", "add_bos_token": True, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": 1024, "chat_template": CHAT_TEMPLATES["llava"]})
     return tok
