@@ -17,7 +17,6 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF = (0.5, 0.5, 0.5)
 
 
 def open_image(src):
@@ -36,26 +35,6 @@ def to_rgb(image):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def pad_to_square(image, fill):
-    """LLaVA's expand2square: the image centred on a square of colour `fill` (offset rounded down)."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    out = Image.new("RGB", (side, side), fill)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
-def _size_of(spec):
-    """HF size specs: an int, {"shortest_edge": n}, or {"height": h, "width": w} -> (kind, value)."""
-    if isinstance(spec, int):
-        return "shortest_edge", spec  # both CLIP and SigLIP processors have default_to_square=False
-    if "shortest_edge" in spec:
-        return "shortest_edge", int(spec["shortest_edge"])
-    return "hw", (int(spec["height"]), int(spec["width"]))
 
 
 @dataclass
@@ -79,21 +58,19 @@ class ImageProcessor:
     @classmethod
     def siglip(cls, image_size=224, **kw):
         return cls(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                   image_mean=HALF, image_std=HALF, **kw)
+                   image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **kw)
 
     @classmethod
     def from_dict(cls, d):
         """From a HF image-processor dict; defaults by class, as transformers' class attributes."""
-        kind = (d.get("image_processor_type") or "CLIPImageProcessor").lower()
-        base = cls.siglip() if kind.startswith("siglip") else cls.clip()
+        base = cls.siglip() if (d.get("image_processor_type") or "").lower().startswith("siglip") else cls.clip()
         for name in ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "do_normalize",
                      "rescale_factor", "resample"):
             if d.get(name) is not None:
                 setattr(base, name, d[name])
-        for name in ("image_mean", "image_std"):
+        for name in ("image_mean", "image_std"):  # a list, or one number for all three channels
             if d.get(name) is not None:
-                v = d[name]
-                setattr(base, name, tuple(v) if isinstance(v, (list, tuple)) else (v,) * 3)
+                setattr(base, name, tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],) * 3)
         base.pad_to_square = bool(d.get("do_pad", False) or d.get("image_aspect_ratio") == "pad")
         return base
 
@@ -116,33 +93,32 @@ class ImageProcessor:
     # ------------------------------------------------------------------------- the recipe
 
     def _resize_hw(self, w, h):
-        kind, value = _size_of(self.size)
-        if kind == "hw":
-            return value
+        if isinstance(self.size, dict) and "shortest_edge" not in self.size:
+            return int(self.size["height"]), int(self.size["width"])
+        # An int is a shortest edge: both CLIP and SigLIP processors have default_to_square=False.
+        edge = int(self.size if isinstance(self.size, int) else self.size["shortest_edge"])
         # transformers' get_resize_output_image_size: the long side is truncated, not rounded.
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(value * long / short)
-        return (new_long, value) if w <= h else (value, new_long)
+        return (int(edge * h / w), edge) if w <= h else (edge, int(edge * w / h))
 
     def _center_crop(self, x):  # x (H, W, 3) uint8
-        kind, value = _size_of(self.crop_size)
-        ch, cw = (value, value) if kind == "shortest_edge" else value
-        h, w = x.shape[:2]
-        if h < ch or w < cw:  # too small: transformers pads with zeros around, then crops
-            nh, nw = max(h, ch), max(w, cw)
-            top, left = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
-            big = np.zeros((nh, nw, x.shape[2]), dtype=x.dtype)
-            big[top:top + h, left:left + w] = x
-            x, h, w = big, nh, nw
-        top, left = (h - ch) // 2, (w - cw) // 2
+        c = self.crop_size
+        ch, cw = (c, c) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
+        # Smaller than the crop: transformers pads with zeros around (the odd pixel on top/left), then crops.
+        dh, dw = max(ch - x.shape[0], 0), max(cw - x.shape[1], 0)
+        x = np.pad(x, ((math.ceil(dh / 2), dh // 2), (math.ceil(dw / 2), dw // 2), (0, 0)))
+        top, left = (x.shape[0] - ch) // 2, (x.shape[1] - cw) // 2
         return x[top:top + ch, left:left + cw]
 
     def preprocess(self, image):
         """One PIL image -> (3, S, S) float32 numpy."""
         image = to_rgb(image)
         if self.pad_to_square:
-            # Same truncation as LLaVA's expand2square and transformers: int(0.4814 * 255) = 122.
-            image = pad_to_square(image, tuple(int(m * 255) for m in self.image_mean))
+            # LLaVA's expand2square: centred on a square of the mean colour, truncated: int(0.4814 * 255) = 122.
+            w, h = image.size
+            side = max(w, h)
+            square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
+            square.paste(image, ((side - w) // 2, (side - h) // 2))
+            image = square
         if self.do_resize:
             h, w = self._resize_hw(*image.size)
             image = image.resize((w, h), resample=self.resample)
