@@ -17,36 +17,27 @@ class CLIError(SystemExit):
 
 
 def _convert(name: str, text: str, kind):
-    origin = typing.get_origin(kind)
-    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / X | None
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text.lower() in ("none", "null", ""):
-            return None
-        return _convert(name, text, args[0])
+    if isinstance(kind, types.UnionType):  # X | None
+        return None if text.lower() in ("none", "null", "") else _convert(name, text, typing.get_args(kind)[0])
     if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise CLIError(f"--{name} expects true or false, got {text!r}")
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise CLIError(f"--{name} expects true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
     if kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             raise CLIError(f"--{name} expects {kind.__name__}, got {text!r}") from None
-    if origin in (list, tuple):
-        (item,) = typing.get_args(kind)[:1] or (str,)
-        return [_convert(name, t.strip(), item) for t in text.split(",") if t.strip()]
+    if typing.get_origin(kind) is list:  # list[X]: comma-separated
+        return [_convert(name, t.strip(), typing.get_args(kind)[0]) for t in text.split(",") if t.strip()]
     return text
 
 
-def parse_cli(cls, argv: list[str] | None = None, **overrides):
-    """Build `cls` from `--field=value` flags (and keyword overrides applied first)."""
-    argv = sys.argv[1:] if argv is None else argv
+def parse_cli(cls, argv: list[str] | None = None):
+    """Build `cls` from `--field=value` flags (sys.argv's when argv is None)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(overrides)
-    for arg in argv:
+    fields, values = {f.name for f in dataclasses.fields(cls)}, {}
+    for arg in sys.argv[1:] if argv is None else argv:
         if arg in ("-h", "--help"):
             print(describe(cls))
             raise SystemExit(0)

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import suppress
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,17 +17,14 @@ from safetensors.torch import load_file, save_file
 def atomic_write(path: str, write) -> None:
     """write(tmp) creates a file or a folder at `tmp`; it then replaces `path` in one rename."""
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
         if os.path.isdir(path) and not os.path.islink(path):  # a folder cannot be renamed over: move it aside
-            old = f"{path}.old{os.getpid()}"
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -34,10 +33,7 @@ def atomic_write(path: str, write) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str, obj) -> None:
@@ -55,10 +51,8 @@ def read_jsonl(path: str) -> list[dict]:
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            try:
+            with suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
     return out
 
 
@@ -91,11 +85,10 @@ def fingerprint(settings=None, files=(), models=()) -> str:
         h.update(b"\0file\0")
         _hash_file(h, path)
     for folder in models:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") or n in MODEL_FILES
-                       or n == "model.safetensors.index.json")
-        for name in names:
-            h.update(f"\0{name}\0".encode())
-            _hash_file(h, os.path.join(folder, name))
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors") or name in MODEL_FILES or name == "model.safetensors.index.json":
+                h.update(f"\0{name}\0".encode())
+                _hash_file(h, os.path.join(folder, name))
     return h.hexdigest()[:16]
 
 

@@ -92,15 +92,14 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing (is {path} a checkpoint folder?)")
+        raise CheckpointError(f"{config_file}: not found (is {path} a checkpoint folder?)")
     try:
         config = VLMConfig.from_file(config_file)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     with torch.device("meta"):  # shapes only: nothing is allocated twice for a 7B model
         model = VLM(config)
-    expected = model.state_dict()
-    state = {}
+    expected, state = model.state_dict(), {}
     shards, index = _shards(path)
     for file in shards:
         for key, tensor in _read(file).items():
@@ -131,8 +130,6 @@ def load_vlm(path, dtype: torch.dtype = torch.float32, device="cpu") -> VLM:
 
 def load_model_dir(path: str, dtype=torch.float32, device="cpu"):
     """(model, tokenizer, image processor) of a model folder."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
     model = load_vlm(path, dtype=dtype, device=device)
     own = any((Path(path) / f).exists() for f in ("preprocessor_config.json", "processor_config.json"))
     return model, Tokenizer.from_dir(path), (ImageProcessor.from_dir(path) if own else
@@ -145,12 +142,10 @@ def save_vlm(model: VLM, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {hub_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    dtype = next(iter(tensors.values())).dtype
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     (path / "model.safetensors.index.json").unlink(missing_ok=True)  # an older sharded save would shadow the new file
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    write_json(path / "config.json", config)
+    write_json(path / "config.json", {**model.config.to_dict(), "dtype": dtype})
     text = model.config.text_config
     gen = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
            "pad_token_id": model.config.pad_token_id}
@@ -165,9 +160,6 @@ def save_processor(path, config: VLMConfig) -> None:
         # else our ImageProcessor.from_dir would read processor_config.json as the image recipe
         raise FileNotFoundError(f"{path / 'preprocessor_config.json'}: missing; save_processor needs the image recipe")
     tok = Tokenizer.from_dir(path)  # the tokenizer transformers will load with it
-    if tok.image_token_id != config.image_token_index:
-        raise ValueError(f"{path}: tokenizer's {tok.image_token} id {tok.image_token_id} != image_token_index "
-                         f"{config.image_token_index} in the config")
     vision = config.vision_config
     write_json(path / "processor_config.json", {
         "processor_class": "LlavaProcessor", "image_token": tok.image_token, "patch_size": vision.patch_size,
