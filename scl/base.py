@@ -4,6 +4,7 @@ train.py saves it with save_vlm, so every later stage loads it exactly like a do
 import math
 import os
 from collections import Counter
+from itertools import accumulate
 
 import torch
 
@@ -44,13 +45,11 @@ def init_weights(model, std=0.02, position_std=1.0):
     """GPT-2 style init: N(0, 0.02) matrices, zero biases, unit norms; and a strong patch-position embedding.
     Footgun: the decoder finds "the top-left cell" by image-token *content* (RoPE only knows offsets), so
     each patch feature must say where it is; at std 0.02 the pixels drown the position and SFT stalls."""
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # norm weights stay as built: ones
         if p.dim() >= 2 and "patch_embedding" not in name:
             torch.nn.init.normal_(p, std=std)
         elif name.endswith("bias"):
             torch.nn.init.zeros_(p)
-        elif "norm" in name or "layrnorm" in name:
-            torch.nn.init.ones_(p)
     torch.nn.init.normal_(model.vision_tower.embeddings.position_embedding.weight, std=position_std)
 
 
@@ -59,9 +58,7 @@ def length_buckets(lengths, buckets):
     programme, best[k][j] = fewest tokens when the j shortest distinct lengths go into k blocks."""
     count = Counter(lengths)
     ls = sorted(count)
-    upto = [0]  # upto[j] = conversations with one of the j shortest lengths
-    for n in ls:
-        upto.append(upto[-1] + count[n])
+    upto = [0, *accumulate(count[n] for n in ls)]  # upto[j] = conversations with one of the j shortest lengths
     m, inf = len(ls), float("inf")
     best = [[0.0] + [inf] * m] + [[inf] * (m + 1) for _ in range(buckets)]
     cut = {}
@@ -92,10 +89,9 @@ def encode_conversations(conversations, tok, num_image_tokens, buckets=6):
         targets = torch.full((len(idx), T), -100, dtype=torch.long)
         for row, n in enumerate(idx):
             ids, mask = encoded[n]
-            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-            input_ids[row, :len(ids)] = ids_t
+            input_ids[row, :len(ids)] = torch.tensor(ids)
             # position t predicts token t+1; train it where token t+1 is an assistant token
-            targets[row, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
+            targets[row, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
         blocks.append((torch.tensor(idx), input_ids, targets))
     return blocks
 

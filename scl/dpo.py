@@ -17,11 +17,7 @@ from scl.tokenizer import pad_left, render_chat
 
 
 class SkipPair(ValueError):
-    """A pair that cannot be trained on; `reason` is written to the skip log."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    """A pair that cannot be trained on; its message is the reason written to the skip log."""
 
 
 # ------------------------------------------------------------------------- pairs -> token ids -> padded batch
@@ -51,10 +47,9 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, num_image_tokens: 
     # prompt/answer boundary would make the trained prefix differ from the generation prompt: skipped.
     if not (prompt_c == prompt_r == gen_prompt):
         raise SkipPair("prompt tokens depend on the response (tokenizer merges across the turn boundary)")
-    if tok.image_token_id is not None and num_image_tokens:
-        n_img = sum(1 for t in gen_prompt if t == tok.image_token_id)
-        if n_img != num_image_tokens:  # the classic "image features and image tokens do not match"
-            raise SkipPair(f"prompt has {n_img} image tokens, expected {num_image_tokens}")
+    n_img = gen_prompt.count(tok.image_token_id)  # 0 if the tokenizer has none (render_chat then refuses images)
+    if n_img != num_image_tokens:  # the classic "image features and image tokens do not match"
+        raise SkipPair(f"prompt has {n_img} image tokens, expected {num_image_tokens}")
     longest = len(gen_prompt) + max(len(chosen_ids), len(rejected_ids))
     if longest > max_length:
         raise SkipPair(f"prompt + response is {longest} tokens > max_length {max_length}")
@@ -79,7 +74,7 @@ def read_pairs(path: str, tok, proc, num_image_tokens: int, max_length: int) -> 
                 pairs.append({**enc, "pixel_values": proc([image])[0], "image_path": image_path,  # (3, S, S)
                               "id": str(row.get("id", n)) + f"#{n}"})
             except SkipPair as e:
-                skipped.append({"line": n, "reason": e.reason})
+                skipped.append({"line": n, "reason": str(e)})
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 skipped.append({"line": n, "reason": f"malformed row: {e.__class__.__name__}: {e}"})
     return pairs, skipped
@@ -91,14 +86,11 @@ def collate_pairs(encoded: list, pad_id: int) -> dict:
     (pad may equal EOS, a scored token)."""
     prompt_ids, prompt_mask = pad_left([e["prompt_ids"] for e in encoded], pad_id)  # (B, Tp)
     out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
-    B, Tr = len(encoded), max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
+    Tr = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
     for side in ("chosen", "rejected"):
-        out[f"{side}_ids"] = torch.full((B, Tr), pad_id, dtype=torch.long)
-        out[f"{side}_mask"] = torch.zeros(B, Tr, dtype=torch.long)
-        for b, e in enumerate(encoded):
-            n = len(e[f"{side}_ids"])
-            out[f"{side}_ids"][b, :n] = torch.tensor(e[f"{side}_ids"])
-            out[f"{side}_mask"][b, :n] = 1
+        seqs = [e[f"{side}_ids"] for e in encoded]
+        out[f"{side}_ids"] = torch.tensor([s + [pad_id] * (Tr - len(s)) for s in seqs])  # (B, Tr)
+        out[f"{side}_mask"] = torch.tensor([[1] * len(s) + [0] * (Tr - len(s)) for s in seqs])  # (B, Tr)
     return out
 
 
@@ -109,16 +101,6 @@ def make_batch(pairs: list, pad_id: int, device) -> tuple[dict, torch.Tensor]:
 
 
 # ----------------- sequence log-probs: log π(response | prompt, image) = Σ_t log π(y_t | y_<t, prompt, image)
-
-def response_logps(hidden, weight, targets, mask, impl=None):
-    """hidden (N, Tr, D), already shifted to predict targets (N, Tr); mask (N, Tr) -> (summed fp32
-    log-probs (N,), real tokens (N,)): the DPO reference's `_get_batch_logps`. Pads never reach the head."""
-    keep = mask.bool()  # (N, Tr)
-    token_logps = linear_token_logprobs(hidden[keep], weight, targets[keep], impl=impl)  # (n_real,) fp32
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    per_token = per_token.masked_scatter(keep, token_logps)  # (N, Tr), 0 on pads
-    return per_token.sum(-1), keep.sum(-1)
-
 
 def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bool = True, impl=None) -> dict:
     """-> (B,) chosen_logps, rejected_logps, chosen_nll (per-token mean, for the SFT term), chosen_tokens.
@@ -133,8 +115,7 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
     # The last response token (EOS of the longest row) predicts nothing, so it is never fed in: the
     # inputs are response[:, :-1] and the predicting states are [last prompt state, response states].
     if share_prefix:
-        h_prompt, past = model.forward_hidden(batch["prompt_ids"], pixel_values,
-                                              attention_mask=batch["prompt_mask"], use_cache=True)  # (B, Tp, D)
+        h_prompt, past = model.forward_hidden(batch["prompt_ids"], pixel_values, batch["prompt_mask"])  # (B, Tp, D)
         past = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in past]  # each (2B, H_kv, Tp, Dh)
         mask = torch.cat([prompt_mask2, resp_mask[:, :-1]], 1)  # (2B, Tp+Tr-1): covers past + current
         h_resp, _ = model.forward_hidden(resp_ids[:, :-1], attention_mask=mask, past_key_values=past)  # (2B, Tr-1, D)
@@ -146,7 +127,11 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
         pix = None if pixel_values is None else pixel_values.repeat(2, 1, 1, 1)  # (2B, 3, S, S)
         h, _ = model.forward_hidden(ids[:, :-1], pix, attention_mask=mask[:, :-1])  # (2B, Tp+Tr-1, D)
         hidden = h[:, Tp - 1:]  # (2B, Tr, D): position Tp-1+t predicts response token t
-    logps, tokens = response_logps(hidden, model.lm_head_weight, resp_ids, resp_mask, impl=impl)  # (2B,)
+    # Summed over the real tokens (the DPO reference's `_get_batch_logps`); pads never reach the head.
+    keep = resp_mask.bool()  # (2B, Tr)
+    per_token = linear_token_logprobs(hidden[keep], model.lm_head_weight, resp_ids[keep], impl=impl)  # (n_real,) fp32
+    logps = per_token.new_zeros(keep.shape).masked_scatter(keep, per_token).sum(-1)  # (2B,)
+    tokens = keep.sum(-1)  # (2B,)
     return {"chosen_logps": logps[:B], "rejected_logps": logps[B:],
             "chosen_nll": -logps[:B] / tokens[:B].clamp(min=1), "chosen_tokens": tokens[:B]}
 
@@ -160,8 +145,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     paper's micro-batch of 1, ms-swift's token-mean cross-entropy exactly."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps  # (B,)
     ref_logratios = reference_chosen_logps - reference_rejected_logps  # (B,)
-    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # (B,)
-    loss = losses.mean()
+    loss = -F.logsigmoid(beta * (pi_logratios - ref_logratios)).mean()
     if sft_alpha:
         if chosen_nll is None:
             raise ValueError("dpo_loss: sft_alpha > 0 needs chosen_nll (from concatenated_forward)")
@@ -187,17 +171,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 @torch.no_grad()
 def reference_logps(model, pairs: list, pad_id: int, batch_size: int, share_prefix: bool = True) -> dict:
-    """{pair id: (log πref(chosen), log πref(rejected))}, once before training: the reference never changes."""
+    """{pair id: (log πref(chosen), log πref(rejected))}, once, before the adapters (and their dropout) exist."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = {}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         s = concatenated_forward(model, *make_batch(chunk, pad_id, device), share_prefix=share_prefix)
         for p, c, r in zip(chunk, s["chosen_logps"].tolist(), s["rejected_logps"].tolist()):
             out[p["id"]] = (c, r)
-    model.train(was_training)
     return out
 
 
@@ -206,7 +187,6 @@ def batch_loss(model, pairs: list, reference: dict, pad_id: int, *, beta: float,
     """The SCL loss of a micro-batch of pairs and its metrics (means over the pairs)."""
     device = next(model.parameters()).device
     s = concatenated_forward(model, *make_batch(pairs, pad_id, device), share_prefix=share_prefix)
-    ref_c = torch.tensor([reference[p["id"]][0] for p in pairs], device=device)
-    ref_r = torch.tensor([reference[p["id"]][1] for p in pairs], device=device)
+    ref_c, ref_r = torch.tensor([reference[p["id"]] for p in pairs], device=device).T  # (B,) each
     return dpo_loss(s["chosen_logps"], s["rejected_logps"], ref_c, ref_r, beta=beta, sft_alpha=sft_alpha,
                     chosen_nll=s["chosen_nll"])

@@ -1,4 +1,4 @@
-"""Batched generation, gpt-fast style (`prefill`, `decode_one`, `sample`, `generate`), a `Context` that keeps
+"""Batched generation, gpt-fast style (`prefill`, `sample`, `generate`'s decode loop), a `Context` that keeps
 a conversation's KV cache from one turn to the next, and `generate_ref`, the no-cache oracle. A finished
 sequence gets `pad_token_id` and is still fed, as in transformers.
 """
@@ -19,10 +19,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reached top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))  # back in vocab order
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
 
 
 def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -30,21 +28,16 @@ def last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, model.lm_head_weight).float()
 
 
-PREFILL_CHUNK = 64  # prompt tokens per prefill step
-
-
-def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+def prefill(model, input_ids, attention_mask, pixel_values, cache: KVCache, chunk: int = 64) -> torch.Tensor:
     """New tokens (B, T) with their images, after the cache.length positions `cache` holds; attention_mask
     (B, cache.length + T) covers both -> next-token logits (B, V), filling `cache` `chunk` tokens at a time
     so activations stay in the CPU's cache and the causal upper half is never computed."""
     past, T = cache.length, input_ids.shape[1]
     x = model.embed(input_ids, pixel_values)  # (B, T, D): image features merged over the whole prompt
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T), as in TextModel
     text = model.language_model.model
-    for start in range(0, T, chunk):
+    for start in range(0, T, chunk):  # positions come from the mask: cumsum - 1 over all it covers
         end = min(start + chunk, T)
-        h, _ = text(x[:, start:end], attention_mask[:, :past + end], position_ids[:, start:end], cache,
-                    use_cache=True, last_only=True)
+        h, _ = text(x[:, start:end], attention_mask[:, :past + end], past_key_values=cache, last_only=True)
     return last_logits(model, h[:, -1])
 
 
@@ -91,17 +84,8 @@ class Context(KVCache):
         return feed
 
 
-def decode_one(model, tokens, position_ids, mask, cache: KVCache) -> torch.Tensor:
-    """tokens (B, 1) at position_ids (B, 1), mask (B, 1, 1, T_past + 1) or None -> next logits (B, V)."""
-    h, _ = model.forward_hidden(tokens, None, mask, position_ids, past_key_values=cache, use_cache=True)
-    return last_logits(model, h[:, -1])
-
-
 # -------------------------------------------------------------------- the loop, shared bookkeeping
 def _setup(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
-    if input_ids.dim() != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} and "
-                         f"{None if attention_mask is None else tuple(attention_mask.shape)}")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] has a 0 (right padding?)")
     if max_new_tokens < 1:
@@ -141,8 +125,7 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
         full = F.pad(history, (0, max_new_tokens), value=1)  # (B, past + T + max_new_tokens)
         mask = attention_mask_4d(full, 1, full.shape[1])  # (B, 1, 1, past + T + max_new) or None
         if mask is not None:  # additive: SDPA converts a boolean mask on every call (same result)
-            zeros = torch.zeros(mask.shape, dtype=cache.k[0].dtype, device=mask.device)
-            mask = zeros.masked_fill_(~mask, float("-inf"))
+            mask = mask.new_zeros(mask.shape, dtype=cache.k[0].dtype).masked_fill_(~mask, float("-inf"))
         out = []
         for step in range(max_new_tokens):
             token = _next_token(logits, done, eos, pad, temperature, top_p, generator)
@@ -150,7 +133,8 @@ def generate(model, input_ids, attention_mask, pixel_values=None, *, max_new_tok
             if step == max_new_tokens - 1 or (eos.numel() and bool(done.all())):  # the check syncs a GPU
                 break
             step_mask = None if mask is None else mask[..., :past + T + step + 1]  # (B, 1, 1, T_past + 1)
-            logits = decode_one(model, token[:, None], position + step, step_mask, cache)
+            h, _ = model.forward_hidden(token[:, None], None, step_mask, position + step, cache)  # (B, 1, D)
+            logits = last_logits(model, h[:, -1])
         out = torch.stack(out, dim=1)  # (B, T_new)
         # what the cache now holds: the prompts and every new token but the last, which was never fed
         cache.tokens = torch.cat([cache.tokens, input_ids, out[:, :cache.length - past - T]], dim=1)
@@ -165,15 +149,13 @@ def generate_ref(model, input_ids, attention_mask, pixel_values=None, *, max_new
     """Same contract as `generate`, no cache: the full sequence (image included) is recomputed each step."""
     eos, pad, done = _setup(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     new = input_ids[:, :0]  # (B, 0): tokens generated so far
-    mask = attention_mask
     for step in range(max_new_tokens):
         # Image features go to the prompt's image tokens only: a generated token that happens to be the
         # image id is an ordinary token (as with a cache, where it is never merged with features).
         x = torch.cat([model.embed(input_ids, pixel_values), model.embed(new)], dim=1)  # (B, T + step, D)
-        h, _ = model.language_model.model(x, attention_mask=mask)
+        h, _ = model.language_model.model(x, F.pad(attention_mask, (0, step), value=1))
         token = _next_token(last_logits(model, h[:, -1]), done, eos, pad, temperature, top_p, generator)
         new = torch.cat([new, token[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if bool(done.all()):
             break
     return new  # (B, T_new)

@@ -30,9 +30,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and signed sin, each (B, T, Dh), computed in fp32, then cast. With rotate-half's minus folded into
-    the table, (-sin, sin), the rotation x * cos + (-x2, x1) * sin is one `roll`, bit-identical."""
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
+    """cos and signed sin, (B, 1, T, Dh) each (1: broadcast over heads), in fp32, then cast. With rotate-half's
+    minus folded into the table, (-sin, sin), the rotation x * cos + (-x2, x1) * sin is one `roll`, bit-identical."""
+    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, Dh/2)
     cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
@@ -54,8 +54,6 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         T, end = k.shape[2], self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache holds {self.max_len} positions; this call needs {end}")
         self.k[layer].narrow(2, self.length, T).copy_(k)
         self.v[layer].narrow(2, self.length, T).copy_(v)
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)  # (B, H_kv, S, Dh)
@@ -99,8 +97,7 @@ class Attention(nn.Module):
             gqa = isinstance(past, KVCache) and rep > 1 and q.device.type == "cpu"
             kr, vr = k, v
             if rep > 1 and not gqa:  # (B, H_kv, S, Dh) -> (B, H, S, Dh), each kv head serving `rep` query heads
-                kr = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
-                vr = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, Dh)
+                kr, vr = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=mask is None, scale=Dh ** -0.5,
                                                enable_gqa=gqa).transpose(1, 2)  # (B, T, H, Dh)
         return self.o_proj(y.reshape(B, T, -1)), (k, v)  # (B, T, D)
@@ -131,14 +128,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, S: int) -> torch.Tensor | None:
+def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, S: int, device=None) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask, True = may attend: causal over the last T of S positions and no pads;
     None when plain causality suffices (SDPA's `is_causal`). A padded query row attends to nothing;
     SDPA returns zeros there (torch >= 2.5), so no NaN reaches a real token."""
     if attention_mask is None or bool(attention_mask.all()):
-        return None if (T == 1 or T == S) else torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
-    if T == 1:  # one new token sees every past position: only the pads are masked
-        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        return None if (T == 1 or T == S) else torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
     causal = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(S - T)  # (T, S)
     return causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
 
@@ -160,31 +155,21 @@ class TextModel(nn.Module):
                 self._inv_freq[device] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         return self._inv_freq[device]
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                last_only=False):
-        """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past or None).
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, last_only=False):
+        """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past).
         attention_mask: (B, T_past + T) 1/0, or a 4-D one from `attention_mask_4d` with position_ids.
         Positions default to cumsum(mask) - 1, so a left-padded row starts at 0, as in transformers.
         last_only: only the last position's state (B, 1, D), all generation needs from a prompt."""
         B, T, _ = inputs_embeds.shape
         static = isinstance(past_key_values, KVCache)
         T_past = past_key_values.length if static else past_key_values[0][0].shape[2] if past_key_values else 0
-        if attention_mask is not None and attention_mask.shape[-1] != T_past + T:
-            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; "
-                             f"expected T_past + T = {T_past + T}")
         built = attention_mask is not None and attention_mask.dim() == 4
-        if position_ids is None:
-            if built:
-                raise ValueError("a 4-D attention_mask needs position_ids")
-            if attention_mask is None:
-                position_ids = torch.arange(T_past, T_past + T, device=inputs_embeds.device)[None].expand(B, -1)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
+        if position_ids is None and attention_mask is None:
+            position_ids = torch.arange(T_past, T_past + T, device=inputs_embeds.device)[None].expand(B, -1)
+        elif position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), inputs_embeds.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): broadcast over heads
-        mask = attention_mask if built else attention_mask_4d(attention_mask, T, T_past + T)
-        if mask is not None:
-            mask = mask.to(inputs_embeds.device)
+        mask = attention_mask if built else attention_mask_4d(attention_mask, T, T_past + T, inputs_embeds.device)
         x, new_past = inputs_embeds, []
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -195,7 +180,7 @@ class TextModel(nn.Module):
         if static:
             past_key_values.length += T
             new_past = past_key_values
-        return self.norm(x), (new_past if use_cache else None)
+        return self.norm(x), new_past
 
 
 class CausalLM(nn.Module):
@@ -206,8 +191,3 @@ class CausalLM(nn.Module):
         self.model = TextModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:  # (V, D)
-        head = getattr(self, "lm_head", None)
-        return head.weight if head is not None else self.model.embed_tokens.weight

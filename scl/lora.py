@@ -46,18 +46,12 @@ def _lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _set_child(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def add_lora(model, r: int = 8, alpha: float = 32, dropout: float = 0.05,
              targets=("q_proj", "k_proj", "v_proj")) -> list:
     """Freeze the model and wrap the LLM's linear layers named in `targets` -> the adapters, the only trainable."""
     if _lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     llm = model.language_model  # the vision tower and projector are never adapted
     names = [n for n, m in llm.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
     if not names:
@@ -66,7 +60,7 @@ def add_lora(model, r: int = 8, alpha: float = 32, dropout: float = 0.05,
         base = llm.get_submodule(n)
         # Footgun: a new module starts in train mode; follow the model's mode so an eval-mode model
         # (load_vlm returns one) does not get live dropout in its adapters.
-        _set_child(llm, n, LoRALinear(base, r, alpha, dropout).train(base.training))
+        llm.set_submodule(n, LoRALinear(base, r, alpha, dropout).train(base.training))
     return lora_parameters(model)
 
 
@@ -79,12 +73,8 @@ def lora_parameters(model) -> list:
 def merge_lora(model):
     """Fold every adapter into its weight and put a plain nn.Linear back, in place: the keys save_vlm knows."""
     for name, m in _lora_modules(model):
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight.copy_(m.merged_weight())
-        lin.weight.requires_grad_(m.weight.requires_grad)
-        if m.bias is not None:
-            lin.bias.copy_(m.bias)
-            lin.bias.requires_grad_(m.bias.requires_grad)
-        _set_child(model, name, lin)
+        lin = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")  # its tensors are set below
+        lin.weight = nn.Parameter(m.merged_weight(), requires_grad=m.weight.requires_grad)
+        lin.bias = m.bias  # the same Parameter, or None
+        model.set_submodule(name, lin)
     return model

@@ -9,12 +9,8 @@ import torch.nn.functional as F
 from scl.config import VisionConfig
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)  # CLIP's sigmoid approximation of GELU
-
-
 ACTIVATIONS = {
-    "quick_gelu": quick_gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's sigmoid approximation of GELU
     "gelu": F.gelu,  # exact erf form (LLaVA's projector)
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
 }
@@ -23,20 +19,17 @@ ACTIVATIONS = {
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        n_pos = cfg.num_patches + int(cfg.has_class_token)
         if cfg.has_class_token:
             self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
                                          bias=not cfg.has_class_token)  # CLIP's conv has no bias, SigLIP's has
-        self.position_embedding = nn.Embedding(n_pos, cfg.hidden_size)  # learned, indexed 0..n_pos-1
+        self.position_embedding = nn.Embedding(cfg.num_patches + cfg.has_class_token, cfg.hidden_size)  # learned
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        w = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.to(w.dtype))  # (B, D, S/p, S/p)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, P, D)
         if hasattr(self, "class_embedding"):
-            cls = self.class_embedding.expand(x.shape[0], 1, -1)
-            x = torch.cat([cls, x], dim=1)  # (B, 1+P, D)
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+P, D)
         return x + self.position_embedding.weight  # (B, P', D)
 
 
@@ -102,6 +95,5 @@ class VisionTower(nn.Module):
             x = self.pre_layrnorm(x)
         states = [x]
         for layer in self.encoder.layers[:num_layers]:
-            x = layer(x)
-            states.append(x)
+            states.append(layer(states[-1]))
         return states

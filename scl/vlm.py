@@ -36,7 +36,8 @@ class VLM(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """The (V, D) output matrix: `lm_head.weight`, or the embedding matrix when tied."""
-        return self.language_model.lm_head_weight
+        head = getattr(self.language_model, "lm_head", None)
+        return head.weight if head is not None else self.language_model.model.embed_tokens.weight
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, S, S) -> projected features (B, P, D) that replace the image tokens."""
@@ -44,8 +45,7 @@ class VLM(nn.Module):
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (B, {v.num_channels}, {v.image_size}, {v.image_size}), "
                              f"got {tuple(pixel_values.shape)}")
-        n_states = v.num_hidden_layers + 1
-        layers = [layer % n_states for layer in self.config.feature_layers]  # -2 -> second-to-last layer
+        layers = [layer % (v.num_hidden_layers + 1) for layer in self.config.feature_layers]  # -2: second-to-last
         states = self.vision_tower(pixel_values, num_layers=max(layers))  # skip layers nobody reads
         feats = torch.cat([states[i] for i in layers], dim=-1)  # (B, P', D_vis * n_layers)
         if self.config.vision_feature_select_strategy == "default":
@@ -69,13 +69,12 @@ class VLM(nn.Module):
         return x.masked_scatter(is_image[..., None], feats)
 
     def forward_hidden(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                       past_key_values=None, use_cache=False):
-        """-> (hidden (B, T, D) after the final norm, new past_key_values or None). See scl/llm.py."""
+                       past_key_values=None):
+        """-> (hidden (B, T, D) after the final norm, new past_key_values). See scl/llm.py."""
         x = self.embed(input_ids, pixel_values)
-        return self.language_model.model(x, attention_mask=attention_mask, position_ids=position_ids,
-                                         past_key_values=past_key_values, use_cache=use_cache)
+        return self.language_model.model(x, attention_mask, position_ids, past_key_values)
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """-> logits (B, T, V) in fp32."""
-        h, _ = self.forward_hidden(input_ids, pixel_values, attention_mask, position_ids)
+        h, _ = self.forward_hidden(input_ids, pixel_values, attention_mask)
         return F.linear(h, self.lm_head_weight).float()  # (B, T, V)

@@ -94,7 +94,7 @@ def test_chunked_prefill_equals_one_pass(pair):
     ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 1)))
     B, T = ids.shape
     with torch.inference_mode():
-        h, past = ours.forward_hidden(ids, pix, mask, use_cache=True)
+        h, past = ours.forward_hidden(ids, pix, mask)
         want = (h[:, -1] @ ours.lm_head_weight.T).float()  # (B, V)
         for chunk in (1, 5, T):
             cache = KVCache(ours.config.text_config, B, T + 3, torch.float32)
@@ -119,9 +119,9 @@ def test_prefill_with_a_cache_equals_the_training_path(pair):
     mask[1, :2], mask[2, :4] = 0, 0  # left padding
     with torch.inference_mode():
         cache = KVCache(text.config, B, T, torch.float32)
-        got1, _ = text(x[:, :split], mask[:, :split], past_key_values=cache, use_cache=True)
-        got2, _ = text(x[:, split:], mask, past_key_values=cache, use_cache=True)
-        want1, past = text(x[:, :split], mask[:, :split], use_cache=True)
+        got1, _ = text(x[:, :split], mask[:, :split], past_key_values=cache)
+        got2, _ = text(x[:, split:], mask, past_key_values=cache)
+        want1, past = text(x[:, :split], mask[:, :split])
         want2, _ = text(x[:, split:], mask, past_key_values=past)
     torch.testing.assert_close(got1, want1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got2, want2, atol=1e-5, rtol=1e-5)

@@ -110,12 +110,12 @@ def test_kv_cache_prefix_equals_full_pass_and_carries_gradients(pair):
     ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 4)))
     full, _ = ours.forward_hidden(ids, pix, mask)
     cut = ids.shape[1] - 3  # image tokens all fall in the prefix
-    h1, past = ours.forward_hidden(ids[:, :cut], pix, mask[:, :cut], use_cache=True)
+    h1, past = ours.forward_hidden(ids[:, :cut], pix, mask[:, :cut])
     assert len(past) == config.text_config.num_hidden_layers
     k, v = past[0]
     tc = ours.config.text_config
     assert k.shape == (2, tc.num_key_value_heads, cut, tc.head_dim)
-    h2, past2 = ours.forward_hidden(ids[:, cut:], None, mask, past_key_values=past, use_cache=True)
+    h2, past2 = ours.forward_hidden(ids[:, cut:], None, mask, past_key_values=past)
     assert past2[0][0].shape[2] == ids.shape[1] and past[0][0].shape[2] == cut  # functional: old cache intact
     real = mask.bool()
     torch.testing.assert_close(torch.cat([h1, h2], 1)[real], full[real], **TOL)
