@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from kernels.logprobs_ref import linear_token_logprobs_ref, token_logprobs_ref
+from kernels.logprobs_ref import LinearTokenLogprobsRefFunction, token_logprobs_ref
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
 
@@ -51,8 +51,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         raise ValueError(f"logits must be a float tensor (..., V), got {logits.dtype} {tuple(logits.shape)}")
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     if _pick(impl, logits) == "triton":
-        from kernels.logprobs import token_logprobs_triton
-        return token_logprobs_triton(logits, targets, ignore_index)
+        from kernels.logprobs import LogprobsFunction
+        return LogprobsFunction.apply(logits, targets, ignore_index)
     return token_logprobs_ref(logits, targets, ignore_index)
 
 
@@ -67,9 +67,9 @@ def linear_token_logprobs(hidden, weight, targets, ignore_index: int = -100, imp
     _check_targets(targets, hidden.shape[:1], weight.shape[0], ignore_index)
     impl = _pick(impl, hidden, ("ref", "triton", "chunked"), gpu_default="chunked")  # fastest (bench/gpu.md)
     if impl == "triton":
-        from kernels.linear_logprobs import linear_token_logprobs_triton as run
+        from kernels.linear_logprobs import LinearLogprobsFunction as fn
     elif impl == "chunked":
-        from kernels.chunked_logprobs import linear_token_logprobs_chunked as run
+        from kernels.chunked_logprobs import ChunkedLinearLogprobsFunction as fn
     else:
-        run = linear_token_logprobs_ref
-    return run(hidden, weight, targets, ignore_index)
+        fn = LinearTokenLogprobsRefFunction
+    return fn.apply(hidden, weight, targets, ignore_index)

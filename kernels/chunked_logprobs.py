@@ -19,6 +19,8 @@ def _chunks(N: int, V: int, device: torch.device) -> list[slice]:
 
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
+    """Chunked cuBLAS + Triton version of `logprobs_ref.linear_token_logprobs_ref`: same arguments, same result."""
+
     # Under CUDA autocast the products run in bf16; custom_bwd puts the forward's autocast state back
     # for the backward, so the logits it recomputes are the ones the forward's lse came from.
     @staticmethod
@@ -39,12 +41,12 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp):
         hidden, weight, y, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # at least one, or autograd would not call backward
         N, V = hidden.shape[0], weight.shape[0]
         g = grad_logp.float().contiguous()
         dh = _empty(hidden.shape, hidden.dtype, hidden.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        for ts in _chunks(N, V, hidden.device) if (need_dh or need_dw) else []:
+        for ts in _chunks(N, V, hidden.device):
             z = hidden[ts] @ weight.T  # (C, V) recomputed
             dz = logprobs_bwd(z[None], y[ts], lse[ts], g[ts], ctx.ignore_index, out=z[None])[0]  # over z
             if need_dh:
@@ -55,8 +57,3 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
                 else:  # one (V, H) product in the 16-bit dtype, summed in fp32
                     dw += dz.T @ hidden[ts].to(dz.dtype)
         return dh, (dw.to(weight.dtype) if need_dw else None), None, None
-
-
-def linear_token_logprobs_chunked(hidden, weight, targets, ignore_index=-100):
-    """Chunked cuBLAS + Triton version of `logprobs_ref.linear_token_logprobs_ref`: same arguments, same result."""
-    return ChunkedLinearLogprobsFunction.apply(hidden, weight, targets, ignore_index)

@@ -3,8 +3,8 @@ ever materializing the (N, V) logits (`logprobs_ref.linear_token_logprobs_ref` i
 
 Forward: (token block, vocab split) programs compute logit tiles with `tl.dot`, keep a running max and
 sum per token (online softmax) and pick out the target logit; the launcher merges the splits.
-Backward: each (token block, vocab tile) program recomputes its tile from the saved lse (CCE-style,
-arXiv:2411.09009), forms dz in fp32 and adds dz @ W into dh and dz.T @ h into dW with fp32 atomics
+Backward: each (token block, vocab tile) program recomputes its tile from the saved lse (as Cut
+Cross-Entropy does), forms dz in fp32 and adds dz @ W into dh and dz.T @ h into dW with fp32 atomics
 (a bf16 accumulator would lose the small additions; atomic order varies, so the last bits can too).
 """
 import torch
@@ -15,11 +15,10 @@ from torch.autograd.function import once_differentiable
 from kernels.logprobs_ref import _empty
 
 
-def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes and launch options, the one place they are chosen (no autotune: see logprobs.py). In the
-    interpreter, tiles are large in N and H (fewer numpy calls) but 128 wide in V, so tests cross borders."""
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
+def _settings(N: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes and launch options (no autotune: see logprobs.py). In the interpreter, tiles are large
+    in N and H (fewer numpy calls) but 128 wide in V, so tests cross borders."""
+    if device.type != "cuda":
         cfg = dict(BLOCK_N=max(16, min(64, triton.next_power_of_2(N))), BLOCK_V=128,
                    BLOCK_K=max(16, min(32, triton.next_power_of_2(H))), num_warps=4, num_stages=1)
     elif dtype == torch.float32:
@@ -27,15 +26,6 @@ def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) 
     else:
         cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
     cfg["PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
-    # Forward vocab splits, each a whole number of tiles: on the GPU enough (token block, split)
-    # programs to fill it (~4 per SM); in the interpreter 2 tiles per split, so tests cross splits.
-    n_tiles, n_blocks = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(max(N, 1), cfg["BLOCK_N"])
-    if on_gpu:
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, programs // n_blocks)))
-    else:
-        tiles_per_split = 2
-    cfg["V_PER_SPLIT"] = tiles_per_split * cfg["BLOCK_V"]
     return cfg
 
 
@@ -144,62 +134,51 @@ def _linear_logprobs_bwd_kernel(
                           mask=(cols[:, None] < V) & (ks[None, :] < H), sem="relaxed")
 
 
-# --------------------------------------------------------------------------- launchers and autograd
-
-def linear_logprobs_fwd(hidden, weight, targets, ignore_index):
-    """hidden (N, H), weight (V, H), targets (N,) -> logp (N,) fp32, lse (N,) fp32."""
-    (N, H), V = hidden.shape, weight.shape[0]
-    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
-    splits = triton.cdiv(V, cfg["V_PER_SPLIT"])
-    m, d, z_y = (_empty((splits, N), torch.float32, hidden.device) for _ in range(3))
-    if N > 0:
-        _linear_logprobs_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), splits)](
-            hidden, weight, targets, m, d, z_y, N, V, H, cfg["V_PER_SPLIT"],
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    # Merge the splits: lse = M + log sum_s d_s exp(m_s - M). (splits, N) floats: negligible work.
-    m_max = m.amax(dim=0)
-    lse = m_max + torch.log(torch.sum(d * torch.exp(m - m_max), dim=0))
-    logp = torch.where(targets == ignore_index, 0.0, z_y.sum(dim=0) - lse)
-    return logp, lse
-
-
-def linear_logprobs_bwd(hidden, weight, targets, lse, grad_logp, ignore_index, need_dh, need_dw):
-    """-> dh (N, H) in hidden's dtype or None, dW (V, H) in weight's dtype or None."""
-    (N, H), V = hidden.shape, weight.shape[0]
-    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
-    dh = torch.zeros((N, H) if need_dh else (0,), dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros((V, H) if need_dw else (0,), dtype=torch.float32, device=hidden.device)
-    if N > 0 and (need_dh or need_dw):
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
-        _linear_logprobs_bwd_kernel[grid](
-            hidden, weight, targets, lse, grad_logp, dh, dw, N, V, H, ignore_index,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], GROUP_N=8,
-            PRECISION=cfg["PRECISION"], COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
-
+# ------------------------------------------------------------- autograd: the launches and the merge
 
 class LinearLogprobsFunction(torch.autograd.Function):
+    """Triton version of `logprobs_ref.linear_token_logprobs_ref`: same arguments to `.apply`, same result."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
+        (N, H), V = hidden.shape, weight.shape[0]
         y = targets.contiguous()
-        logp, lse = linear_logprobs_fwd(hidden, weight, y, ignore_index)
+        cfg = _settings(N, H, hidden.dtype, hidden.device)
+        # Vocab splits, each a whole number of tiles: on the GPU enough (token block, split) programs to
+        # fill it (~4 per SM); in the interpreter 2 tiles per split, so tests cross splits.
+        n_tiles, n_blocks = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(max(N, 1), cfg["BLOCK_N"])
+        if hidden.is_cuda:
+            programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
+            tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, programs // n_blocks)))
+        else:
+            tiles_per_split = 2
+        v_per_split = tiles_per_split * cfg["BLOCK_V"]
+        splits = triton.cdiv(V, v_per_split)
+        m, d, z_y = (_empty((splits, N), torch.float32, hidden.device) for _ in range(3))
+        if N > 0:
+            _linear_logprobs_fwd_kernel[(n_blocks, splits)](
+                hidden, weight, y, m, d, z_y, N, V, H, v_per_split,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), **cfg)
+        # Merge the splits: lse = M + log sum_s d_s exp(m_s - M). (splits, N) floats: negligible work.
+        m_max = m.amax(dim=0)
+        lse = m_max + torch.log(torch.sum(d * torch.exp(m - m_max), dim=0))
         ctx.save_for_backward(hidden, weight, y, lse)
         ctx.ignore_index = ignore_index
-        return logp
+        return torch.where(y == ignore_index, 0.0, z_y.sum(dim=0) - lse)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
         hidden, weight, y, lse = ctx.saved_tensors
-        dh, dw = linear_logprobs_bwd(hidden, weight, y, lse, grad_logp.float().contiguous(), ctx.ignore_index,
-                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None
-
-
-def linear_token_logprobs_triton(hidden, weight, targets, ignore_index=-100):
-    """Triton version of `logprobs_ref.linear_token_logprobs_ref`: same arguments, same result."""
-    return LinearLogprobsFunction.apply(hidden, weight, targets, ignore_index)
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # at least one, or autograd would not call backward
+        (N, H), V = hidden.shape, weight.shape[0]
+        cfg = _settings(N, H, hidden.dtype, hidden.device)
+        dh = torch.zeros((N, H) if need_dh else (0,), dtype=torch.float32, device=hidden.device)
+        dw = torch.zeros((V, H) if need_dw else (0,), dtype=torch.float32, device=hidden.device)
+        if N > 0:
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+            _linear_logprobs_bwd_kernel[grid](
+                hidden, weight, y, lse, grad_logp.float().contiguous(), dh, dw, N, V, H, ctx.ignore_index,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                GROUP_N=8, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **cfg)
+        return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None), None, None

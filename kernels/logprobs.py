@@ -1,10 +1,9 @@
 """Per-token log-probabilities from logits, in Triton (`logprobs_ref.py` is the same in PyTorch).
 
-Bound by memory traffic: the forward reads each row once (online softmax, arXiv:1805.02867) and
-saves lse, 4 bytes per row; the backward reads z once more and writes dz. Row offsets are int64
-(n * stride passes 2^31 at N*V > 2.1e9). Footgun: the gradient goes to a new buffer, never into the
-logits: Triton stores do not bump autograd's version counter, so anything else that saved the logits
-would silently see dz.
+Bound by memory traffic: the forward reads each row once (online softmax) and saves lse, 4 bytes per
+row; the backward reads z once more and writes dz. Row offsets are int64 (n * stride passes 2^31 at
+N*V > 2.1e9). Footgun: the gradient goes to a new buffer, never into the logits: Triton stores do not
+bump autograd's version counter, so anything else that saved the logits would silently see dz.
 """
 import torch
 import triton
@@ -26,11 +25,8 @@ def _settings(V: int, device: torch.device) -> tuple[int, int]:
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,  # (B, T, V) any dtype, last-dim stride 1
-    targets_ptr,  # (B*T,) int32/int64
-    logp_ptr,  # (B*T,) fp32 out
-    lse_ptr,  # (B*T,) fp32 out, saved for backward
-    T, stride_b, stride_t, V, ignore_index,
-    BLOCK_V: tl.constexpr,
+    targets_ptr, logp_ptr, lse_ptr,  # (B*T,) each: int32/int64 targets in; fp32 logp, lse out (lse for backward)
+    T, stride_b, stride_t, V, ignore_index, BLOCK_V: tl.constexpr,
 ):
     # 1. Row n -> (b, t): a shifted logits[:, :-1] is read in place. int64 before any stride math.
     row = tl.program_id(0).to(tl.int64)
@@ -63,12 +59,9 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,  # (B, T, V) as in forward
-    targets_ptr,  # (B*T,)
-    lse_ptr,  # (B*T,) fp32 from forward
-    grad_logp_ptr,  # (B*T,) fp32 upstream gradient g
+    targets_ptr, lse_ptr, grad_logp_ptr,  # (B*T,) each: int, fp32 lse from forward, fp32 upstream g
     grad_ptr,  # (B*T, V) out, contiguous, the logits' dtype
-    T, stride_b, stride_t, V, ignore_index,
-    BLOCK_V: tl.constexpr,
+    T, stride_b, stride_t, V, ignore_index, BLOCK_V: tl.constexpr,
 ):
     # 1. This program's row and vocab block.
     row = tl.program_id(0).to(tl.int64)
@@ -120,6 +113,8 @@ def logprobs_bwd(logits, targets, lse, grad_logp, ignore_index, out=None):
 
 
 class LogprobsFunction(torch.autograd.Function):
+    """Triton version of `logprobs_ref.token_logprobs_ref`: same arguments to `.apply`, same result."""
+
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         z3 = _as_3d(logits)  # (B, T, V): a view, also of a shifted slice
@@ -138,8 +133,3 @@ class LogprobsFunction(torch.autograd.Function):
         g = grad_logp.reshape(-1).float().contiguous()  # (B*T,); `sum().backward()` hands an expanded view
         grad = logprobs_bwd(z3, y, lse, g, ctx.ignore_index)
         return grad.view(ctx.shape), None, None
-
-
-def token_logprobs_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Triton version of `logprobs_ref.token_logprobs_ref`: same arguments, same result."""
-    return LogprobsFunction.apply(logits, targets, ignore_index)

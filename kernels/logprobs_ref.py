@@ -9,11 +9,8 @@ softmax in backward, so no (N, V) tensor (nor an fp32 copy of a 16-bit weight) e
 import torch
 from torch.autograd.function import once_differentiable
 
-# Logits per chunk (16 MiB fp32): few large op calls (each syncs torch's thread pool), little memory.
-CHUNK_ELEMENTS = 1 << 22
-# Tests turn it on: new output buffers are NaN-filled, so an element nobody writes cannot pass as stale
-# memory that holds the right answer from an earlier call.
-POISON = False
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk, 16 MiB fp32: few op calls (each syncs torch's pool), little memory
+POISON = False  # tests set it: new buffers start as NaN, so an unwritten element cannot pass as stale memory
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -38,9 +35,7 @@ def linear_token_logprobs_eager(hidden, weight, targets, ignore_index=-100):
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (B, T, V), a view where possible: a shifted logits[:, :-1] stays a view."""
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(0, -3) if x.dim() > 3 else x
+    return x.unsqueeze(0) if x.dim() == 2 else x.flatten(0, -3)  # flatten(0, 0) of a 3-D x is x itself
 
 
 def _row_chunks(B: int, T: int, V: int, elements: int | None = None):
@@ -137,12 +132,12 @@ class LinearTokenLogprobsRefFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, safe_y, keep, lse = ctx.saved_tensors
         N, V, H = hidden.shape[0], weight.shape[0], hidden.shape[1]
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # at least one, or autograd would not call backward
         g = torch.where(keep, grad_logp.float(), 0.0)
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None  # fp32 sums
         chunks, blocks = _blocks(N, V, H)
-        for ts in chunks if (need_dh or need_dw) else []:
+        for ts in chunks:
             h = hidden[ts].float()  # (C, H)
             for vs in blocks:
                 w = weight[vs].float()  # (Vb, H)
