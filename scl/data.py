@@ -23,6 +23,7 @@ from scl.prompts import LETTERS
 
 FORMATS = ("jsonl", "tsv", "scienceqa", "parquet")
 CIRCULAR = 1_000_000  # MMBench: the k-th rotated copy of question i has index i + k * CIRCULAR
+_MULTI_IMAGE = "images in one row (a multi-image question); only single-image questions are supported"
 
 
 @dataclass
@@ -142,13 +143,6 @@ def _missing(value):
     return value is None or value != value or (isinstance(value, str) and value.strip().lower() in ("", "nan"))
 
 
-def _is_index(answer):
-    """0, 1, ... or "0", "1", ...: ScienceQA and AI2D give the answer as a position in the options."""
-    if isinstance(answer, str):
-        return answer.strip().isdigit()
-    return isinstance(answer, int) and not isinstance(answer, bool)
-
-
 def _benchmark_row(rid, rec, load_image, image_path=None):
     """One benchmark record (its columns as a dict) -> Row, whichever way it lays out its options."""
     question, answer = rec.get("question"), rec.get("answer")
@@ -159,9 +153,9 @@ def _benchmark_row(rid, rec, load_image, image_path=None):
         options = [None if _missing(rec[c]) else rec[c] for c in letters]
         while options and options[-1] is None:
             options.pop()
-    elif "choices" in rec or "options" in rec:  # ScienceQA, MMEvalPro; AI2D: a list, indexed from 0
+    elif "choices" in rec or "options" in rec:  # ScienceQA, MMEvalPro, AI2D; ScienceQA, AI2D answer by index
         options = rec.get("choices", rec.get("options"))
-        if _is_index(answer):
+        if type(answer) is int or (isinstance(answer, str) and answer.strip().isdigit()):  # int, not bool
             answer = LETTERS[int(answer)] if int(answer) < len(LETTERS) else f"#{answer}"
     else:  # MMStar, RealWorldQA: the options are written inside the question
         question, options = split_options(question) if isinstance(question, str) else (question, [])
@@ -222,17 +216,16 @@ def _tsv_image(cell, images):
         except (ValueError, SyntaxError):
             raise BadRow("image cell starts with '[' but is not a list of base64 images") from None
         if len(cells) != 1:
-            raise BadRow(f"{len(cells)} images in one row (a multi-image question); only single-image "
-                         "questions are supported")
+            raise BadRow(f"{len(cells)} {_MULTI_IMAGE}")
         cell = cells[0]
-    return lambda: _open_image(_b64(cell, name), name)
 
-
-def _b64(text, name):
-    try:
-        return base64.b64decode(text, validate=False)
-    except Exception as e:
-        raise BadRow(f"corrupt image {name}: not base64 ({e})") from None
+    def load():
+        try:
+            data = base64.b64decode(cell, validate=False)
+        except Exception as e:
+            raise BadRow(f"corrupt image {name}: not base64 ({e})") from None
+        return _open_image(data, name)
+    return load
 
 
 def _tsv(path, split):
@@ -266,11 +259,11 @@ def _scienceqa(path, split):
         raise ValueError(f"{path}: expected ScienceQA's {{id: problem}} object")
     for pid, p in problems.items():
         if not isinstance(p, dict):
-            yield str(pid), f"problem {pid}", BadRow("not a JSON object")
+            yield pid, f"problem {pid}", BadRow("not a JSON object")
             continue
         if split is not None and p.get("split") != split:
             continue  # not in the requested split: filtered, not skipped
-        yield str(pid), f"problem {pid}", lambda pid=str(pid), p=p: _scienceqa_row(base, pid, p)
+        yield pid, f"problem {pid}", lambda pid=pid, p=p: _scienceqa_row(base, pid, p)  # JSON keys are str
 
 
 def _scienceqa_row(base, pid, p):
@@ -293,8 +286,7 @@ def _parquet(path, split):
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"),
-                                                                 recursive=True))
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no .parquet files under {path}")
     named = [(f, m.group(1) if (m := _SHARD.fullmatch(os.path.basename(f))) else None) for f in files]
@@ -336,15 +328,13 @@ def _arrow_image(images, n, listed, base, where, data_type=None):
     if listed:
         count = len(cell) if cell.is_valid else 0
         if count > 1:
-            raise BadRow(f"{count} images in one row (a multi-image question); only single-image "
-                         "questions are supported")
+            raise BadRow(f"{count} {_MULTI_IMAGE}")
         cell = cell[0] if count else None
     if cell is None or not cell.is_valid or not (cell["bytes"].is_valid or cell["path"].is_valid):
         raise BadRow("no image (a text-only question)")
 
     def load():
-        value = images[n].as_py()
-        value = value[0] if listed else value
+        value = cell.as_py()  # the cell checked above
         if value["bytes"] is not None:
             return _open_image(value["bytes"], where)
         return _open_image(os.path.join(base, value["path"]), value["path"])  # join keeps an absolute path
@@ -377,16 +367,14 @@ def load_rows(path, format=None, limit=None, split=None):
         if limit is not None and len(rows) >= limit:
             break
         try:
-            if rid is not None and rid in seen:
+            if rid in seen:  # None (an unparsable JSONL line) never enters `seen`
                 raise BadRow(f"duplicate id {rid!r} (first at {seen[rid]})")
             if isinstance(make, BadRow):
                 raise make
-            row = make()
+            rows.append(make())
+            seen[rid] = where
         except BadRow as e:
             skipped.append({"id": rid, "reason": f"{where}: {e}"})
-            continue
-        seen[rid] = where
-        rows.append(row)
     return rows, skipped
 
 
