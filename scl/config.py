@@ -111,7 +111,6 @@ class VLMConfig:
         layer = self.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
 
-    # ---------------------------------------------------------------- reading
     @classmethod
     def from_file(cls, path) -> "VLMConfig":
         try:
@@ -150,10 +149,11 @@ class VLMConfig:
                                   f"{n_states} hidden states")
         return cfg
 
-    # ---------------------------------------------------------------- writing
     def to_dict(self) -> dict:
         """HF layout of config.json (model_type "llava"); LlavaConfig.from_dict reads it back."""
-        v, t = dataclasses.asdict(self.vision_config), dataclasses.asdict(self.text_config)
+        out = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+               "image_seq_length": self.num_image_tokens, **dataclasses.asdict(self)}  # every field, under its name
+        v, t = out["vision_config"], out["text_config"]
         if self.vision_config.model_type == "siglip_vision_model":
             v.pop("projection_dim")
             v["vision_use_head"] = False  # we do not keep SigLIP's pooling head (LLaVA never uses it)
@@ -161,15 +161,7 @@ class VLMConfig:
         if t["model_type"] == "qwen2":
             del t["attention_bias"], t["mlp_bias"]  # fixed by the architecture, not config fields
         t["tie_word_embeddings"] = self.tie_word_embeddings
-        out = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-               "image_token_index": self.image_token_index, "image_seq_length": self.num_image_tokens,
-               "vision_feature_layer": self.vision_feature_layer,
-               "vision_feature_select_strategy": self.vision_feature_select_strategy,
-               "projector_hidden_act": self.projector_hidden_act,
-               "multimodal_projector_bias": self.multimodal_projector_bias,
-               "tie_word_embeddings": self.tie_word_embeddings, "text_config": t, "vision_config": v}
-        optional = {"pad_token_id": self.pad_token_id, "dtype": self.dtype}
-        return out | {k: v for k, v in optional.items() if v is not None}
+        return {k: x for k, x in out.items() if x is not None}  # pad_token_id and dtype only when known
 
 
 # -------------------------------------------------------------------- sub-config readers
@@ -194,10 +186,9 @@ def _read_vision(d: dict, source: str) -> VisionConfig:
             if len(set(kw[key])) != 1:
                 raise ConfigError(f"{source}: vision_config.{key}: only square sizes are supported, got {kw[key]}")
             kw[key] = kw[key][0]
-    cfg = VisionConfig(**kw)
-    if cfg.hidden_act not in VISION_ACTS:
-        raise ConfigError(f"{source}: vision_config.hidden_act: unsupported {cfg.hidden_act!r}")
-    return cfg
+    if kw["hidden_act"] not in VISION_ACTS:  # both model_types' defaults name one
+        raise ConfigError(f"{source}: vision_config.hidden_act: unsupported {kw['hidden_act']!r}")
+    return VisionConfig(**kw)
 
 
 def _read_text(d: dict, source: str) -> TextConfig:
