@@ -107,7 +107,9 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
 
     share_prefix: image and prompt run once and both responses continue from the prompt's KV cache,
     repeated with torch.cat, which keeps the graph, so both responses' gradients reach the shared prefix.
-    Without it, 2B full sequences: the plain reference, same numbers and gradients (tests/test_dpo.py)."""
+    Without it, 2B full sequences: the plain reference, same numbers and gradients (tests/test_dpo.py).
+    The passes that feed the head keep no cache (use_cache=False): each layer's keys and values are freed
+    as the next layer runs instead of living to the end of the pass (hundreds of MB at a real size)."""
     B, Tp = batch["prompt_ids"].shape
     resp_ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, Tr)
     resp_mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])  # (2B, Tr)
@@ -118,14 +120,15 @@ def concatenated_forward(model, batch: dict, pixel_values=None, share_prefix: bo
         h_prompt, past = model.forward_hidden(batch["prompt_ids"], pixel_values, batch["prompt_mask"])  # (B, Tp, D)
         past = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in past]  # each (2B, H_kv, Tp, Dh)
         mask = torch.cat([prompt_mask2, resp_mask[:, :-1]], 1)  # (2B, Tp+Tr-1): covers past + current
-        h_resp, _ = model.forward_hidden(resp_ids[:, :-1], attention_mask=mask, past_key_values=past)  # (2B, Tr-1, D)
+        h_resp, _ = model.forward_hidden(resp_ids[:, :-1], attention_mask=mask, past_key_values=past,
+                                         use_cache=False)  # (2B, Tr-1, D)
         # Prompts are left-padded, so column Tp-1 is every row's last real prompt token.
         hidden = torch.cat([h_prompt[:, -1:].repeat(2, 1, 1), h_resp], 1)  # (2B, Tr, D)
     else:
         ids = torch.cat([batch["prompt_ids"].repeat(2, 1), resp_ids], 1)  # (2B, Tp+Tr)
         mask = torch.cat([prompt_mask2, resp_mask], 1)  # (2B, Tp+Tr)
         pix = None if pixel_values is None else pixel_values.repeat(2, 1, 1, 1)  # (2B, 3, S, S)
-        h, _ = model.forward_hidden(ids[:, :-1], pix, attention_mask=mask[:, :-1])  # (2B, Tp+Tr-1, D)
+        h, _ = model.forward_hidden(ids[:, :-1], pix, attention_mask=mask[:, :-1], use_cache=False)  # (2B, Tp+Tr-1, D)
         hidden = h[:, Tp - 1:]  # (2B, Tr, D): position Tp-1+t predicts response token t
     # Summed over the real tokens (the DPO reference's `_get_batch_logps`); pads never reach the head.
     keep = resp_mask.bool()  # (2B, Tr)

@@ -155,8 +155,9 @@ class TextModel(nn.Module):
                 self._inv_freq[device] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         return self._inv_freq[device]
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, last_only=False):
-        """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past).
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, last_only=False,
+                use_cache=True):
+        """inputs_embeds (B, T, D) -> (hidden (B, T, D) after the final norm, new past, or None without use_cache).
         attention_mask: (B, T_past + T) 1/0, or a 4-D one from `attention_mask_4d` with position_ids.
         Positions default to cumsum(mask) - 1, so a left-padded row starts at 0, as in transformers.
         last_only: only the last position's state (B, 1, D), all generation needs from a prompt."""
@@ -176,11 +177,12 @@ class TextModel(nn.Module):
             past = past_key_values if static else past_key_values[i] if past_key_values else None
             args = (x, cos, sin, mask, past, last_only and i == len(self.layers) - 1)
             x, kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
-            new_past.append(kv)
+            if use_cache:  # else each layer's keys and values are freed as soon as the next layer runs
+                new_past.append(kv)
         if static:
             past_key_values.length += T
             new_past = past_key_values
-        return self.norm(x), new_past
+        return self.norm(x), new_past if use_cache else None
 
 
 class CausalLM(nn.Module):

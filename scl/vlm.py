@@ -69,10 +69,10 @@ class VLM(nn.Module):
         return x.masked_scatter(is_image[..., None], feats)
 
     def forward_hidden(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                       past_key_values=None):
-        """-> (hidden (B, T, D) after the final norm, new past_key_values). See scl/llm.py."""
+                       past_key_values=None, use_cache=True):
+        """-> (hidden (B, T, D) after the final norm, new past_key_values or None). See scl/llm.py."""
         x = self.embed(input_ids, pixel_values)
-        return self.language_model.model(x, attention_mask, position_ids, past_key_values)
+        return self.language_model.model(x, attention_mask, position_ids, past_key_values, use_cache=use_cache)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """-> logits (B, T, V) in fp32."""

@@ -7,6 +7,7 @@ far more, so the tolerance is known to bite. Run: python -m pytest -q tests/test
 import copy
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -122,6 +123,31 @@ def test_kv_cache_prefix_equals_full_pass_and_carries_gradients(pair):
     h2.sum().backward()  # the suffix's loss reaches vision weights through the cached prefix
     assert ours.vision_tower.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
     ours.zero_grad(set_to_none=True)
+
+
+def test_without_use_cache_each_layers_keys_and_values_die_during_the_pass(pair):
+    """A pass whose cache nobody keeps (DPO's response pass) must free each layer's (k, v) as it goes, not
+    hold all of them to the end (at a real model's size, hundreds of MB); the hidden states are the same."""
+    kind, config, hf, ours = pair
+    ids, mask, pix = hx.make_batch(config, text_lengths=((3, 5), (1, 4)))
+    layers = ours.language_model.model.layers
+    kept, alive = [], []  # weak references to each layer's keys; how many of the older ones live on
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: kept.append(weakref.ref(out[1][0])))
+             for layer in layers]
+    hooks += [layer.register_forward_pre_hook(lambda m, args: alive.append(sum(r() is not None for r in kept[:-1])))
+              for layer in layers]  # kept[-1]: the layer just run, still the loop's variable
+    try:
+        with torch.no_grad():
+            full, past = ours.forward_hidden(ids, pix, mask)
+            assert alive == [0] + list(range(len(layers) - 1))  # with the cache: every older layer's
+            kept.clear()
+            alive.clear()
+            h, none = ours.forward_hidden(ids, pix, mask, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert none is None and alive == [0] * len(layers)
+    torch.testing.assert_close(h, full, rtol=0, atol=0)  # the same computation
 
 
 def test_bf16_runs_close_to_fp32(pair, tmp_path):
