@@ -153,7 +153,7 @@ def generate_ref(model, input_ids, attention_mask, pixel_values=None, *, max_new
         # Image features go to the prompt's image tokens only: a generated token that happens to be the
         # image id is an ordinary token (as with a cache, where it is never merged with features).
         x = torch.cat([model.embed(input_ids, pixel_values), model.embed(new)], dim=1)  # (B, T + step, D)
-        h, _ = model.language_model.model(x, F.pad(attention_mask, (0, step), value=1))
+        h, _ = model.language_model.model(x, F.pad(attention_mask, (0, step), value=1), use_cache=False)
         token = _next_token(last_logits(model, h[:, -1]), done, eos, pad, temperature, top_p, generator)
         new = torch.cat([new, token[:, None]], dim=1)
         if bool(done.all()):

@@ -76,5 +76,5 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """-> logits (B, T, V) in fp32."""
-        h, _ = self.forward_hidden(input_ids, pixel_values, attention_mask)
+        h, _ = self.forward_hidden(input_ids, pixel_values, attention_mask, use_cache=False)
         return F.linear(h, self.lm_head_weight).float()  # (B, T, V)
